@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from fedseg.errors import FedsegError
+from fedseg.errors import CommandError, FedsegError  # noqa: F401  (CommandError re-exported)
 
 # module name in fedseg.commands -> registered in this order
 COMMAND_MODULES = (
@@ -20,10 +20,6 @@ COMMAND_MODULES = (
     "jobs_cmd",
     "evaluate_cmd",
 )
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (CommandError, FedsegError) as e:
+    except FedsegError as e:
         print(f"fedseg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -62,4 +58,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from fedseg.cli import main as _main  # the package's module, not __main__, so error classes match
+
+    sys.exit(_main())

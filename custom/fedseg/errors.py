@@ -15,3 +15,7 @@ class ConfigError(FedsegError, ValueError):
 
 class UpdateRejected(FedsegError, ValueError):
     """A site's model update cannot be aggregated (NaN/Inf, wrong keys or shapes)."""
+
+
+class CommandError(FedsegError):
+    """A user-facing CLI error: printed without a traceback, exit code 2."""

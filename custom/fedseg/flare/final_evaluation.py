@@ -1,0 +1,123 @@
+"""Last workflow of a training job: cross-site evaluation of the final global model and the results folder.
+
+Sends ``validate`` with the final global model to every site (each reports Dice / DiceS / DiceL on its own
+validation split), evaluates the test centre where the server may see it (:class:`TestCentreEvaluator`), then writes
+``<run dir>/results/``: ``global_model.pt``, ``metrics.json``, ``results.md``, ``training_curves.png``,
+``dice_bars.png`` (and TensorBoard files under ``<run dir>/tb_events``). The path is logged and printed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import numpy as np
+
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+
+from fedseg.results import write_results
+
+
+class FinalEvaluation(Controller):
+    def __init__(self, persistor_id: str = "persistor", validate_task_name: str = AppConstants.TASK_VALIDATION,
+                 test_evaluator_id: str = "test_evaluator", recorder_id: str = "metrics_recorder",
+                 results_folder: str = "results", timeout: int = 0, job_config: dict | None = None):
+        super().__init__()
+        self.persistor_id = persistor_id
+        self.validate_task_name = validate_task_name
+        self.test_evaluator_id = test_evaluator_id
+        self.recorder_id = recorder_id
+        self.results_folder = results_folder
+        self.timeout = timeout
+        self.job_config = dict(job_config or {})
+        self._site_metrics: Dict[str, dict] = {}
+
+    def start_controller(self, fl_ctx: FLContext):
+        self._site_metrics = {}
+
+    def stop_controller(self, fl_ctx: FLContext):
+        pass
+
+    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str,
+                                       result: Shareable, fl_ctx: FLContext):
+        self.log_warning(fl_ctx, f"late result of task {task_name} from {client.name} ignored")
+
+    def _on_result(self, client_task: ClientTask, fl_ctx: FLContext):
+        site = client_task.client.name
+        result = client_task.result
+        rc = result.get_return_code() if result is not None else None
+        if rc and rc != ReturnCode.OK:
+            self.log_error(fl_ctx, f"final validation failed at site {site}: {rc}")
+            return
+        try:
+            dxo = from_shareable(result)
+        except Exception as e:
+            self.log_error(fl_ctx, f"final validation result of site {site} is unreadable: {e}")
+            return
+        self._site_metrics[site] = dict(dxo.data)
+        client_task.result = None
+
+    def _global_weights(self, fl_ctx: FLContext):
+        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        if model is None:
+            persistor = self._engine.get_component(self.persistor_id)
+            model = persistor.load(fl_ctx)
+        return model[ModelLearnableKey.WEIGHTS]
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        engine = fl_ctx.get_engine()
+        weights = self._global_weights(fl_ctx)
+        task = Task(
+            name=self.validate_task_name,
+            data=DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable(),
+            timeout=self.timeout,
+            result_received_cb=self._on_result,
+        )
+        n_clients = len(engine.get_clients())
+        self.broadcast_and_wait(task=task, fl_ctx=fl_ctx, min_responses=n_clients, abort_signal=abort_signal)
+        if abort_signal.triggered:
+            return
+
+        notes = []
+        evaluator = engine.get_component(self.test_evaluator_id) if self.test_evaluator_id else None
+        test_metrics = initial = None
+        curve = {}
+        if evaluator is not None:
+            test_metrics = evaluator.evaluate(weights, fl_ctx)
+            initial = evaluator.initial
+            curve = dict(evaluator.by_round)
+            if test_metrics is None and evaluator.unavailable_reason:
+                notes.append(f"No test-centre row: {evaluator.unavailable_reason}")
+        recorder = engine.get_component(self.recorder_id) if self.recorder_id else None
+        history = recorder.history() if recorder is not None else []
+        missing = sorted(set(c.name for c in engine.get_clients()) - set(self._site_metrics))
+        if missing:
+            notes.append(f"Sites without a final validation result: {missing}")
+
+        run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
+        out_dir = os.path.join(run_dir, self.results_folder)
+        os.makedirs(out_dir, exist_ok=True)
+        import torch
+
+        torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, os.path.join(out_dir, "global_model.pt"))
+        config = dict(self.job_config)
+        config["job_name"] = config.get("job_name") or fl_ctx.get_job_id()
+        write_results(out_dir, job_name=str(config["job_name"]), site_metrics=self._site_metrics,
+                      test_metrics=test_metrics, initial_test_metrics=initial, test_curve=curve,
+                      history=history, config=config, notes=notes)
+        summary = ""
+        if test_metrics:
+            summary = f" test centre Dice {test_metrics['dice']:.4f}"
+            if initial:
+                summary += f" (untrained {initial['dice']:.4f})"
+        self.log_info(fl_ctx, f"fedseg results:{summary} -> {out_dir}")
+        print(f"\nfedseg results:{summary}\n  {out_dir}\n", flush=True)
