@@ -156,3 +156,40 @@ def write_results(
     plot_training_curves(history, paths["curves"], test_curve)
     plot_dice_bars(site_metrics, test_metrics, paths["bars"], title=f"{job_name}: final global model")
     return paths
+
+
+def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Grey image with true positives green, false positives red, false negatives blue (values in [0, 1])."""
+    img = np.asarray(image, dtype=np.float64)
+    lo, hi = float(img.min()), float(img.max())
+    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    rgb = np.repeat(grey[..., None], 3, axis=-1) * 0.8
+    t, p = np.asarray(truth) > 0, np.asarray(pred) > 0
+    rgb[t & p] = (0.1, 0.85, 0.1)
+    rgb[~t & p] = (0.9, 0.1, 0.1)
+    rgb[t & ~p] = (0.15, 0.35, 1.0)
+    return rgb
+
+
+def plot_overlays(images, truths, preds, out_png: Path, titles=None, columns: int = 4) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(overlay_rgb(images[i], truths[i], preds[i]))
+            if titles:
+                ax.set_title(titles[i], fontsize=8)
+    fig.legend(handles=[Patch(color=(0.1, 0.85, 0.1), label="true positive"), Patch(color=(0.9, 0.1, 0.1), label="false positive"),
+                        Patch(color=(0.15, 0.35, 1.0), label="false negative")], loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

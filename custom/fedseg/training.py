@@ -21,7 +21,7 @@ from fedseg.algorithms.fedgs import FedGSAccumulator, model_update
 from fedseg.difficulty import batch_eta
 from fedseg.errors import ConfigError
 from fedseg.losses import SoftDiceLoss
-from fedseg.metrics import dice_per_image, summarize_dice
+from fedseg.evaluation import evaluate_model, predict_masks  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -192,40 +192,6 @@ class LocalTrainer:
         if state is not None:
             load_state(self.model, state)
         return evaluate_model(self.model, data, self.device, self.cfg.eval_batch_size)
-
-
-@torch.no_grad()
-def predict_masks(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> np.ndarray:
-    """Binary predictions [N, S, S] (uint8) of ``model`` on ``data``."""
-    model.eval()
-    out = []
-    n = len(data.delta)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).unsqueeze(1).to(device)
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            logits = model(x)
-        out.append((logits[:, 0].float() > 0).to(torch.uint8).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0,) + tuple(np.shape(data.masks)[1:]), np.uint8)
-
-
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> Dict[str, Any]:
-    """Per-image foreground Dice of thresholded predictions, summarised as Dice / DiceS / DiceL (DESIGN.md 2)."""
-    model.eval()
-    n = len(data.delta)
-    dice = np.zeros(n, dtype=np.float64)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).unsqueeze(1).to(device)
-        y = torch.from_numpy(np.ascontiguousarray(data.masks[idx])).to(device) > 0
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            logits = model(x)
-        pred = logits[:, 0].float() > 0  # sigmoid(logit) > 0.5
-        dice[idx] = dice_per_image(pred, y).double().cpu().numpy()
-    summary = summarize_dice(dice, np.asarray(data.small, bool), np.asarray(data.nonempty, bool))
-    summary["per_image_dice"] = dice
-    return summary
 
 
 def config_dict(cfg: TrainConfig) -> Dict[str, Any]:

@@ -3,7 +3,7 @@
 Sends ``validate`` with the final global model to every site (each reports Dice / DiceS / DiceL on its own
 validation split), evaluates the test centre where the server may see it (:class:`TestCentreEvaluator`), then writes
 ``<run dir>/results/``: ``global_model.pt``, ``metrics.json``, ``results.md``, ``training_curves.png``,
-``dice_bars.png`` (and TensorBoard files under ``<run dir>/tb_events``). The path is logged and printed.
+``dice_bars.png``, ``test_overlays.png`` (and TensorBoard files under ``<run dir>/tb_events``). The path is logged and printed.
 """
 
 from __future__ import annotations
@@ -87,12 +87,15 @@ class FinalEvaluation(Controller):
         if abort_signal.triggered:
             return
 
+        run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
+        out_dir = os.path.join(run_dir, self.results_folder)
+        os.makedirs(out_dir, exist_ok=True)
         notes = []
         evaluator = engine.get_component(self.test_evaluator_id) if self.test_evaluator_id else None
         test_metrics = initial = None
         curve = {}
         if evaluator is not None:
-            test_metrics = evaluator.evaluate(weights, fl_ctx)
+            test_metrics = evaluator.evaluate(weights, fl_ctx, overlays_png=os.path.join(out_dir, "test_overlays.png"))
             initial = evaluator.initial
             curve = dict(evaluator.by_round)
             if test_metrics is None and evaluator.unavailable_reason:
@@ -103,9 +106,6 @@ class FinalEvaluation(Controller):
         if missing:
             notes.append(f"Sites without a final validation result: {missing}")
 
-        run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
-        out_dir = os.path.join(run_dir, self.results_folder)
-        os.makedirs(out_dir, exist_ok=True)
         import torch
 
         torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}, os.path.join(out_dir, "global_model.pt"))

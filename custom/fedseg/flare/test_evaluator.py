@@ -83,14 +83,20 @@ class TestCentreEvaluator(FLComponent):
                       f"from {source.root or 'built-in synthetic data'}, loaded in {time.perf_counter() - t0:.1f} s")
         return True
 
-    def evaluate(self, weights: Dict[str, Any], fl_ctx: FLContext) -> Optional[Dict[str, Any]]:
+    def evaluate(self, weights: Dict[str, Any], fl_ctx: FLContext, overlays_png: Optional[str] = None
+                 ) -> Optional[Dict[str, Any]]:
+        """Dice / DiceS / DiceL of ``weights`` on the test centre (None when the server has no test data);
+        with ``overlays_png`` also a figure of predictions on small and large lesions."""
         if not self._ensure_data(fl_ctx):
             return None
-        from fedseg.training import evaluate_model, load_state
+        from fedseg.evaluation import evaluate_model, write_prediction_overlays
+        from fedseg.training import load_state
 
         load_state(self._model, weights)
         summary = evaluate_model(self._model, self._data, self._device, self.eval_batch_size)
-        summary.pop("per_image_dice", None)
+        per_image = summary.pop("per_image_dice")
+        if overlays_png:
+            write_prediction_overlays(self._model, self._data, self._device, per_image, overlays_png)
         return summary
 
     # ------------------------------------------------------------------ events
