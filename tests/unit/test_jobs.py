@@ -40,12 +40,12 @@ def test_paper_jobs_carry_exactly_the_paper_settings(name, aggregation):
     assert args["aggregation"] == aggregation
     assert args["lr"] == 1e-4 and args["batch_size"] == 4 and args["local_epochs"] == 5
     assert args["max_steps_per_round"] is None
-    assert args["model"] == "utnet" and args["model_args"] == {"base_chan": 32}
+    assert args["model"] == "utnet" and args["model_args"] == {"base_chan": 32, "attn_drop": 0.0, "proj_drop": 0.0}
     assert args["data_args"] == {"image_size": 512, "min_tumour_pixels": 50}
     sag = _server(job_dir)["workflows"][0]
     assert sag["path"].endswith("ScatterAndGather") and sag["args"]["num_rounds"] == 60
     persistor = next(c for c in _server(job_dir)["components"] if c["id"] == "persistor")
-    assert persistor["args"]["model"] == "utnet" and persistor["args"]["model_args"] == {"base_chan": 32}
+    assert persistor["args"]["model"] == "utnet" and persistor["args"]["model_args"] == args["model_args"]
 
 
 def test_fedavg_differs_from_fedgs_only_in_aggregation():

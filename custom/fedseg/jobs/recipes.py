@@ -176,7 +176,8 @@ LITS_PAPER = SegJob(
     "512x512, UTNet base 32). Point each site at its LiTS data with local/fedseg_data.json.",
     data_args={"image_size": 512, "min_tumour_pixels": 50},
     model="utnet",
-    model_args={"base_chan": 32},
+    # FedGS builds UTNet with the reference defaults except dropout, which it leaves at 0
+    model_args={"base_chan": 32, "attn_drop": 0.0, "proj_drop": 0.0},
     num_rounds=60,
     local_epochs=5,
     batch_size=4,
@@ -191,7 +192,7 @@ LITS_QUICK = replace(
     description="FedGS on built-in synthetic LiTS-format data: a CPU demo (< 10 min on 2 cores) of the paper's "
     "pipeline at small scale (128x128 images, narrow UTNet, few rounds).",
     data_args={"image_size": 128, "min_tumour_pixels": 12},
-    model_args={"base_chan": 8},
+    model_args={"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0},
     num_rounds=8,
     local_epochs=1,
     lr=1e-3,
