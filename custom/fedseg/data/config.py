@@ -217,9 +217,10 @@ def resolve_data_source(dataset: str, site_name: str, workspace_root: str | Path
                             f"{CONFIG_ENV} at a data-configuration JSON file or unset it to use the built-in "
                             f"synthetic data")
         return _source_from_file(dataset, site_name, path.resolve(), f"${CONFIG_ENV}")
-    where = f"{Path(workspace_root) / 'local' / LOCAL_CONFIG_NAME}" if workspace_root is not None else "no workspace"
+    where = (f"no {Path(workspace_root) / 'local' / LOCAL_CONFIG_NAME}" if workspace_root is not None
+             else "no workspace given")
     return DataSource(dataset=dataset, root=None, split=None, centre=None, cache_dir=None,
-                      origin=f"built-in synthetic {dataset} data (no {where}, no ${CONFIG_ENV})")
+                      origin=f"built-in synthetic {dataset} data ({where}, ${CONFIG_ENV} not set)")
 
 
 # ------------------------------------------------------------------------------------------ caches

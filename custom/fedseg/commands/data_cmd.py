@@ -1,0 +1,141 @@
+"""``fedseg data``: generate synthetic data sets and scan data (inverse-area histograms, small fractions).
+
+Examples::
+
+    fedseg data synth lits --out /data/lits_synth                  # "quick" preset, seed 0
+    fedseg data synth lits --out /tmp/tiny --preset tiny --seed 3
+    fedseg data scan                                                # this site's configured data (or built-in)
+    fedseg data scan --root /data/LiTS --split paper --out scan_lits
+    fedseg data scan --data-config local/fedseg_data.json --sites site-1 site-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedseg.errors import ConfigError
+
+_PRESETS = ("quick", "tiny")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "data", help="generate synthetic data sets, scan data (inverse-area histograms)",
+        description="Data tools: `synth` writes synthetic data in the real formats, `scan` summarises a data set "
+                    "(tumour slices, FedGS small fraction) and plots the inverse-area histograms per site.")
+    sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    sub.required = True
+
+    synth = sub.add_parser("synth", help="write a synthetic data set (real NIfTI files)",
+                           description="Write a synthetic LiTS-format data set: volume-<i>.nii.gz, "
+                                       "segmentation-<i>.nii.gz and split.json (sites site-1..4 -> centres 1-4, "
+                                       "test centre 5), with per-centre scanner style and tumour-size mix.")
+    synth.add_argument("dataset", choices=("lits",), help="data set format to generate")
+    synth.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    synth.add_argument("--preset", choices=_PRESETS, default="quick",
+                       help="quick: 256x256, 30 volumes (default); tiny: 128x128, 10 volumes (tests)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical data)")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(func=run_synth)
+
+    scan = sub.add_parser("scan", help="inverse-area histograms and small fractions per site",
+                          description="Read the segmentations of each site's centre (all split parts) and of the "
+                                      "test centre, and write inverse_area_<site>.png (log x-axis, tau marked; "
+                                      "FedGS supplementary Fig. 1), summary.json and summary.md.")
+    scan.add_argument("dataset", nargs="?", choices=("lits",), default="lits", help="data set (default: lits)")
+    where = scan.add_mutually_exclusive_group()
+    where.add_argument("--data-config", type=Path, default=None,
+                       help="data-configuration JSON (the format of local/fedseg_data.json); default: "
+                            "$FEDSEG_DATA_CONFIG, else the built-in synthetic data")
+    where.add_argument("--root", type=Path, default=None, help="data root to scan directly (all sites share it)")
+    scan.add_argument("--split", default=None,
+                      help="with --root: 'paper', 'auto' or a split JSON (default: ROOT/split.json, else auto)")
+    scan.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                      help="sites to scan (default: every site of the split, plus its test centre)")
+    scan.add_argument("--no-test", action="store_true", help="do not scan the split's test centre")
+    scan.add_argument("--min-tumour-pixels", type=int, default=None,
+                      help="keep slices with at least this many tumour pixels (default: the synthetic data's "
+                           "recommended value if the root is synthetic, else 50)")
+    scan.add_argument("--tau", type=float, default=None, help="small threshold on a_inv (default 1000)")
+    scan.add_argument("--base", type=float, default=None, help="difficulty log base (default 1000)")
+    scan.add_argument("--out", type=Path, default=Path("fedseg_scan"), help="output folder (default ./fedseg_scan)")
+    scan.set_defaults(func=run_scan)
+
+
+def run_synth(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from fedseg.data.lits import resolve_lits_split
+    from fedseg.data.config import DataSource
+    from fedseg.data.scan import format_table, summarize_split
+    from fedseg.data.synthetic import RECOMMENDED_MIN_TUMOUR_PIXELS, synth_lits
+
+    out = sys.stdout if out is None else out
+    t0 = time.perf_counter()
+    root = synth_lits(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    min_px = RECOMMENDED_MIN_TUMOUR_PIXELS[args.preset]
+    src = DataSource("lits", root, None, None, None, f"fedseg data synth --out {root}")
+    _, cases, split = resolve_lits_split(src)
+    groups = summarize_split(root, cases, split, min_px)
+    print(f"wrote synthetic LiTS ({args.preset}, seed {args.seed}, {len(cases)} volumes) to {root.resolve()} "
+          f"in {seconds:.1f} s", file=out)
+    print(f"tumour slices with >= {min_px} px (use min_tumour_pixels={min_px} for this preset); small = "
+          f"a_inv >= 1000:", file=out)
+    print(format_table([g.summary() for g in groups]), file=out)
+    return 0
+
+
+def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from fedseg.data.config import CONFIG_ENV, DataSource, resolve_data_source
+    from fedseg.data.lits import resolve_lits_split
+    from fedseg.data.scan import format_table, recommended_min_pixels, scan_centre, scan_lits
+    from fedseg.data.splits import PARTS, centre_for_site
+    from fedseg.difficulty import LITS_BASE, LITS_TAU
+
+    out = sys.stdout if out is None else out
+    if args.split is not None and args.root is None:
+        raise ConfigError("--split only applies with --root (a data configuration names its own split)")
+    env: dict[str, str] = dict(os.environ)
+    if args.data_config is not None:
+        if not args.data_config.is_file():
+            raise ConfigError(f"--data-config {args.data_config}: file does not exist")
+        env[CONFIG_ENV] = str(args.data_config.resolve())
+
+    def source_for(site: str) -> DataSource:
+        if args.root is not None:
+            return DataSource("lits", args.root, args.split, None, None, f"--root {args.root}")
+        return resolve_data_source(args.dataset, site, workspace_root=None, env=env)
+
+    base = LITS_BASE if args.base is None else args.base
+    tau = LITS_TAU if args.tau is None else args.tau
+    # the split of the first site (or of a site-less lookup) decides the default site list and test centre
+    first = source_for(args.sites[0] if args.sites else "scan")
+    root0, cases0, split0 = resolve_lits_split(first, progress=True)
+    min_px = args.min_tumour_pixels
+    if min_px is None:
+        min_px = recommended_min_pixels(root0) or 50
+    if min_px < 0:
+        raise ConfigError(f"--min-tumour-pixels must be >= 0, got {min_px}")
+    sites = list(args.sites) if args.sites else list(split0.sites)
+    groups = []
+    if not sites and not args.sites:  # automatic split without a site mapping: one local group
+        for centre in split0.centres:
+            if centre != split0.test_centre:
+                groups.append(scan_centre(centre, root0, cases0, split0, centre, min_px, base, tau))
+    for site in sites:
+        src = source_for(site)
+        root, cases, split = (root0, cases0, split0) if src == first else resolve_lits_split(src, progress=True)
+        centre = centre_for_site(split, site, src.centre)
+        groups.append(scan_centre(site, root, cases, split, centre, min_px, base, tau, parts=PARTS))
+    if split0.test_centre is not None and not args.no_test:
+        groups.append(scan_centre("test", root0, cases0, split0, split0.test_centre, min_px, base, tau,
+                                  parts=("test",)))
+    result = scan_lits(groups, args.out, min_tumour_pixels=min_px, base=base, tau=tau)
+    print(f"scanned {first.origin}; tumour slices with >= {min_px} px, small = a_inv >= {tau:g}:", file=out)
+    print(format_table(result["groups"]), file=out)
+    print(f"wrote {', '.join(result['files'])} to {Path(args.out).resolve()}", file=out)
+    return 0
