@@ -183,7 +183,8 @@ def load_split(spec: str | Path | None, root: Path, case_ids: list[int]) -> Spli
 
 
 def centre_for_site(split: Split, site_name: str, explicit: str | None) -> str:
-    """The centre a site holds: ``explicit`` if given, else the split's mapping, else its only centre."""
+    """The centre a site holds: ``explicit`` if given, else the split's site mapping, else -- for a split
+    without a site mapping, such as the automatic one -- its only (non-test) centre."""
     known_centres = ", ".join(split.centres) or "(none)"
     if explicit is not None:
         if explicit not in split.centres:
@@ -193,7 +194,7 @@ def centre_for_site(split: Split, site_name: str, explicit: str | None) -> str:
     if site_name in split.sites:
         return split.sites[site_name]
     trainable = [c for c in split.centres if c != split.test_centre]
-    if len(trainable) == 1:
+    if not split.sites and len(trainable) == 1:  # e.g. the automatic split: every site holds "local"
         return trainable[0]
     known_sites = ", ".join(f"{s} -> {c}" for s, c in split.sites.items()) or "(none)"
     raise DataError(f"site {site_name!r} is not mapped to a centre in the split {split.source} (sites: {known_sites}; "
