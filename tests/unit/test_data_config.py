@@ -113,6 +113,11 @@ def test_bad_files(tmp_path):
         resolve_data_source("lits", "site-1", env={CONFIG_ENV: str(typo)})
 
 
+def test_data_source_accepts_str_paths(tmp_path):
+    src = DataSource("lits", str(tmp_path), None, None, "~/x", "caller")
+    assert src.root == tmp_path and src.cache_dir == Path("~/x").expanduser()
+
+
 def test_builtin_data_root_and_cache_dir(tmp_path, monkeypatch):
     assert builtin_data_root("lits") == tmp_path / "data_home" / "lits_builtin"
     monkeypatch.delenv("FEDSEG_DATA_HOME")
@@ -147,11 +152,20 @@ _CHILD = textwrap.dedent("""
     from fedseg.data.config import ensure_builtin_lits
     root = ensure_builtin_lits(preset="tiny", seed=0)
     marker = json.loads((root / ".fedseg_builtin.json").read_text())
-    print(json.dumps({"root": str(root), "generation_id": marker["generation_id"], "pid": os.getpid()}))
+    # then both load the same site at once: one builds the cache, the other waits and reuses it
+    from fedseg.data.config import DataSource
+    from fedseg.data import lits
+    from fedseg.data.lits import LiTSPreprocessing, load_lits_site
+    lits.ensure_builtin_lits = lambda progress=False: ensure_builtin_lits(progress, preset="tiny", seed=0)
+    ds = load_lits_site(DataSource("lits", None, None, None, None, "builtin"), "site-1", "train",
+                        LiTSPreprocessing(image_size=64, min_tumour_pixels=3))
+    build_id = json.loads((ds.cache_path / "manifest.json").read_text())["build_id"]
+    print(json.dumps({"root": str(root), "generation_id": marker["generation_id"], "pid": os.getpid(),
+                      "n": len(ds), "build_id": build_id, "cache": str(ds.cache_path)}))
 """)
 
 
-def test_ensure_builtin_lits_two_processes_at_once_make_one_dataset(tmp_path):
+def test_two_processes_at_once_make_one_builtin_dataset_and_one_cache(tmp_path):
     home = tmp_path / "data_home"
     go = tmp_path / "go"
     env = dict(os.environ, FEDSEG_DATA_HOME=str(home))
@@ -167,6 +181,10 @@ def test_ensure_builtin_lits_two_processes_at_once_make_one_dataset(tmp_path):
     assert results[0]["root"] == results[1]["root"] == str(home / "lits_builtin")
     # both see the same generation (only one process generated), no temporary folders are left behind
     assert results[0]["generation_id"] == results[1]["generation_id"]
+    assert results[0]["cache"] == results[1]["cache"] and results[0]["n"] == results[1]["n"] > 0
+    assert results[0]["build_id"] == results[1]["build_id"]  # the cache was built once
+    cache_dir = Path(results[0]["cache"]).parent
+    assert not [p for p in cache_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert sorted(p.name for p in home.iterdir()) == [".lits_builtin.lock", "lits_builtin"]
     root = home / "lits_builtin"
     assert (root / "split.json").is_file() and len(list(root.glob("volume-*.nii.gz"))) == 10

@@ -81,6 +81,14 @@ class DataSource:
     cache_dir: Path | None  # where preprocessed caches go (None: <root>/.fedseg_cache or ~/.cache/fedseg/cache)
     origin: str  # human-readable: which file/env/default this came from (for logs and error messages)
 
+    def __post_init__(self) -> None:  # accept str paths from callers
+        for name in ("root", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(os.path.expanduser(str(value))))
+        if self.split is not None and not isinstance(self.split, str):
+            object.__setattr__(self, "split", str(self.split))
+
     @property
     def is_builtin(self) -> bool:
         return self.root is None
@@ -293,12 +301,11 @@ def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: 
     marker file (written inside before the rename) records the generator version, preset and seed. A copy
     from another generator version/preset/seed is replaced. ``preset``/``seed`` exist for tests.
     """
-    from fedseg.data.synthetic import synth_lits
-
     root = builtin_data_root("lits")
     expected = {"generator_version": BUILTIN_LITS_VERSION, "preset": preset, "seed": int(seed)}
     if _builtin_marker_ok(root, expected):
         return root
+    from fedseg.data.synthetic import synth_lits  # scipy: only when generating
     parent = root.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,7 +215,12 @@ def tumour_slice_counts(seg_path: Path) -> tuple[tuple[int, int, int], np.ndarra
 
 
 def read_lits_case(case_id: int, vol_path: Path, seg_path: Path, min_tumour_pixels: int) -> _CaseSlices:
-    """Validated tumour slices of one case (HU images and binary tumour masks at native resolution)."""
+    """Validated tumour slices of one case (HU images and binary tumour masks at native resolution).
+
+    The whole segmentation is read and checked (labels, shape); a ``.nii.gz`` volume is read completely (so a
+    truncated file is detected), an uncompressed one only over the tumour slab after a file-size check. NaN /
+    inf is checked on the slices that are used.
+    """
     vol_img = _load_nifti(vol_path, "volume")
     seg_img = _load_nifti(seg_path, "segmentation")
     if len(vol_img.shape) != 3:
@@ -448,7 +453,7 @@ def _build_cache(folder: Path, cases: dict[int, tuple[Path, Path]], ids: list[in
             "format_version": CACHE_FORMAT_VERSION, "fingerprint": fingerprint, "dataset": "lits",
             "root": str(root), "centre": centre, "part": part, "case_ids": ids, "prep": prep.to_json(),
             "n": total, "image_size": s, "volumes_read": len(ids), "volumes_without_tumour_slices": empty_cases,
-            "build_seconds": round(time.perf_counter() - t0, 3), "samples": records,
+            "build_seconds": round(time.perf_counter() - t0, 3), "build_id": uuid.uuid4().hex, "samples": records,
         }
         _write_json_atomic(tmp / "manifest.json", manifest)
         old = None
@@ -557,7 +562,3 @@ def load_lits_test_centre(source: DataSource, prep: LiTSPreprocessing, progress:
         raise DataError(f"test centre {split.test_centre} (data from {source.origin}): {len(ids)} volume(s) read "
                         f"from {root}, none has a slice with >= {prep.min_tumour_pixels} tumour pixels")
     return ds
-
-
-def _ids_of(split: Split, centres: Iterable[str]) -> list[int]:  # pragma: no cover - helper for scans
-    return sorted(i for c in centres for p in PARTS for i in split.ids(c, p))
