@@ -48,12 +48,16 @@ def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_siz
 
 def write_prediction_overlays(model: torch.nn.Module, data, device: torch.device, per_image_dice: np.ndarray,
                               out_png: Path, n: int = 8) -> Path | None:
-    """Overlay figure of up to ``n`` non-empty images, small lesions first (TP green, FP red, FN blue)."""
+    """Overlay figure of up to ``n`` non-empty images, half with small lesions (TP green, FP red, FN blue)."""
     from fedseg.results import plot_overlays
 
     nonempty = np.flatnonzero(np.asarray(data.nonempty))
-    chosen = sorted(nonempty, key=lambda i: (not bool(data.small[i]), i))[:n]
-    idx = np.array(sorted(chosen), dtype=int)
+    small = np.asarray(data.small, bool)
+    small_idx, large_idx = nonempty[small[nonempty]], nonempty[~small[nonempty]]
+    n_small = min(len(small_idx), max(n // 2, n - len(large_idx)))
+    # evenly spaced picks so the figure spans the whole set, not one volume
+    pick = lambda pool, k: pool[np.linspace(0, len(pool) - 1, k).round().astype(int)] if k > 0 else pool[:0]  # noqa: E731
+    idx = np.unique(np.concatenate([pick(small_idx, n_small), pick(large_idx, min(len(large_idx), n - n_small))]))
     if idx.size == 0:
         return None
 

@@ -180,7 +180,7 @@ def plot_overlays(images, truths, preds, out_png: Path, titles=None, columns: in
 
     n = len(images)
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -189,7 +189,7 @@ def plot_overlays(images, truths, preds, out_png: Path, titles=None, columns: in
                 ax.set_title(titles[i], fontsize=8)
     fig.legend(handles=[Patch(color=(0.1, 0.85, 0.1), label="true positive"), Patch(color=(0.9, 0.1, 0.1), label="false positive"),
                         Patch(color=(0.15, 0.35, 1.0), label="false negative")], loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.08, wspace=0.05, hspace=0.2)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png

@@ -24,6 +24,17 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 
+def _is_simulation(fl_ctx: FLContext) -> bool:
+    """True under ``nvflare simulator``: the server engine is the simulator's (clients carry SIMULATE_MODE)."""
+    if fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False):
+        return True
+    try:
+        from nvflare.private.fed.simulator.simulator_server import SimulatorServerEngine
+    except ImportError:  # pragma: no cover - layout of a future NVFlare
+        return False
+    return isinstance(fl_ctx.get_engine(), SimulatorServerEngine)
+
+
 class TestCentreEvaluator(FLComponent):
     __test__ = False  # not a pytest class
 
@@ -61,7 +72,7 @@ class TestCentreEvaluator(FLComponent):
 
         ws_root = fl_ctx.get_engine().get_workspace().get_root_dir()
         source = resolve_data_source(self.dataset, "server", ws_root)
-        simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
+        simulate = _is_simulation(fl_ctx)
         if source.root is None and not simulate:
             self.unavailable_reason = (
                 "this server has no test data configured (local/fedseg_data.json); evaluate the final global model "

@@ -193,7 +193,7 @@ LITS_QUICK = replace(
     "pipeline at small scale (128x128 images, narrow UTNet, few rounds).",
     data_args={"image_size": 128, "min_tumour_pixels": 12},
     model_args={"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0},
-    num_rounds=8,
+    num_rounds=15,
     local_epochs=1,
     lr=1e-3,
     num_threads=1,
