@@ -1,0 +1,117 @@
+"""Round-time benchmarks (on demand: ``python -m pytest tests/benchmarks -m benchmark -s``).
+
+1. FedGS vs FedAvg local round time: same data, seed, model and steps, rounds interleaved; the only difference is
+   the cumulative-update accumulation (goal: FedGS overhead under 2%; the paper reports 5.6-13.4%).
+2. Our FedAvg path (SegmentationTrainer executor + FedGSAggregator with eta = 1, ScatterAndGather) vs NVFlare's stock
+   FedAvg recipe (Client API script with the same model, data and trainer), both through `nvflare simulator`
+   with 4 sites; per-round wall time from the server logs (goal: within 5%).
+Each prints ratios against the baseline measured in the same run. Nothing here asserts a timing.
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.benchmark
+
+HERE = Path(__file__).resolve().parent
+DATA_ARGS = {"image_size": 128, "min_tumour_pixels": 12}
+MODEL_ARGS = {"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0}
+
+
+def test_fedgs_vs_fedavg_local_round_time():
+    from fedseg.data.config import resolve_data_source
+    from fedseg.data.lits import LiTSPreprocessing, load_lits_site
+    from fedseg.models import get_model
+    from fedseg.training import LocalTrainer, TrainConfig
+
+    torch.set_num_threads(2)
+    train = load_lits_site(resolve_data_source("lits", "site-4"), "site-4", "train", LiTSPreprocessing(**DATA_ARGS))
+    torch.manual_seed(0)
+    init = get_model("utnet", **MODEL_ARGS).state_dict()
+    trainers = {}
+    for agg in ("fedavg", "fedgs"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(lr=1e-3, batch_size=4, local_epochs=1, aggregation=agg, device="cpu", seed=1)
+        trainers[agg] = LocalTrainer(get_model("utnet", **MODEL_ARGS), train, cfg)
+    times = {"fedavg": [], "fedgs": []}
+    etas = []
+    trainers["fedavg"].train_round(init)  # warm-up
+    trainers["fedgs"].train_round(init)
+    for rep in range(6):
+        order = ("fedavg", "fedgs") if rep % 2 == 0 else ("fedgs", "fedavg")
+        for agg in order:
+            t0 = time.perf_counter()
+            res = trainers[agg].train_round(init)
+            times[agg].append(time.perf_counter() - t0)
+            if agg == "fedgs":
+                etas.append(res.metrics["scaled_step_fraction"])
+    a, g = statistics.median(times["fedavg"]), statistics.median(times["fedgs"])
+    print(f"\n[benchmark] local round ({len(train.delta)} slices, {res.steps} steps, UTNet base 8, 128x128, 2 threads), "
+          f"median of 6 interleaved rounds: FedAvg {a:.3f} s, FedGS {g:.3f} s, FedGS/FedAvg = {g / a:.4f} "
+          f"(overhead {100 * (g / a - 1):+.2f}%); steps with eta != 1: {100 * np.mean(etas):.0f}%")
+
+
+def _round_starts(log: str):
+    """Timestamps of 'Round N started.' lines (ScatterAndGather and the stock FedAvg controller both log them)."""
+    starts = {}
+    for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?Round (\d+) started\.", log, flags=re.M):
+        starts.setdefault(int(m.group(2)), datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"))
+    return starts
+
+
+def _per_round_seconds(log: str, rounds: int) -> float:
+    s = _round_starts(log)
+    assert set(range(1, rounds)) <= set(s), f"round markers missing: {sorted(s)}"
+    return (s[rounds - 1] - s[1]).total_seconds() / (rounds - 2)
+
+
+def _simulate(job_dir: Path, ws: Path) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", "4", "-t", "4"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_our_fedavg_path_vs_stock_fedavg_recipe(tmp_path):
+    from nvflare.apis.dxo import DataKind
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.client.config import TransferType
+
+    from fedseg.data.config import ensure_builtin_lits
+    from fedseg.jobs.recipes import JOBS
+
+    ensure_builtin_lits()
+    rounds, steps = 6, 10
+    ours = replace(JOBS["fedavg_lits"], name="ours_fedavg", num_rounds=rounds, max_steps_per_round=steps,
+                   test_every_n_rounds=0, data_args=DATA_ARGS, model_args=MODEL_ARGS).export(tmp_path / "jobs")
+    stock = FedAvgRecipe(
+        name="stock_fedavg",
+        model={"class_path": "fedseg.models.utnet.UTNet", "args": {"in_chan": 1, "num_classes": 1, **MODEL_ARGS}},
+        min_clients=4, num_rounds=rounds, train_script=str(HERE / "stock_fedavg_client.py"),
+        train_args=f"--max-steps {steps} --base-chan {MODEL_ARGS['base_chan']}",
+        aggregator_data_kind=DataKind.WEIGHT_DIFF, params_transfer_type=TransferType.DIFF,
+    )
+    stock.export(str(tmp_path / "jobs"))
+    stock_dir = tmp_path / "jobs" / "stock_fedavg"
+    results = {"ours": [], "stock": []}
+    for rep in range(2):
+        for name, job_dir in (("ours", ours), ("stock", stock_dir)) if rep == 0 else (("stock", stock_dir), ("ours", ours)):
+            log = _simulate(job_dir, tmp_path / f"ws_{name}_{rep}")
+            results[name].append(_per_round_seconds(log, rounds))
+    o, s = statistics.mean(results["ours"]), statistics.mean(results["stock"])
+    print(f"\n[benchmark] per-round wall time, 4 sites x {steps} steps, UTNet base 8, 128x128 (mean of 2 runs each, "
+          f"alternating order): ours {o:.2f} s {results['ours']}, stock FedAvg recipe {s:.2f} s {results['stock']}, "
+          f"ours/stock = {o / s:.3f} ({100 * (o / s - 1):+.1f}%)")
