@@ -116,3 +116,21 @@ def test_bad_update_from_a_site_is_rejected_and_the_round_goes_on(tiny_data, tmp
     assert "rejected the update of site 'site-2'" in log and "NaN/Inf" in log
     assert log.count("aggregated 1 site(s) ['site-1']") == 2
     assert (_results(ws) / "global_model.pt").is_file()
+
+
+def test_a_site_with_a_bad_data_root_stops_the_job_with_a_clear_message(tiny_data, tmp_path):
+    """site-2 points at a folder that does not exist: the job ends (no hang) and the log names the site and file."""
+    root, _ = tiny_data
+    cfg = tmp_path / "fedseg_data.json"
+    missing = tmp_path / "no_such_lits"
+    cfg.write_text(json.dumps({"lits": {"root": str(root)}, "sites": {"site-2": {"lits": {"root": str(missing)}}}}))
+    job = replace(JOBS["fedgs_lits"], **TINY)
+    job_dir = job.export(tmp_path / "jobs")
+    env = dict(os.environ, FEDSEG_DATA_CONFIG=str(cfg), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(tmp_path / "ws"), "-n", "2", "-t", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert "site-2 cannot train" in log and str(missing) in log
+    assert "fedseg results" not in log  # no results from a run that could not train

@@ -23,6 +23,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from fedseg.errors import FedsegError
 from fedseg.models import get_model
 from fedseg.sitedata import load_site_data
 from fedseg.training import LocalTrainer, TrainConfig
@@ -80,11 +81,16 @@ class SegmentationTrainer(Executor):
         self.data_origin = None
         self.writer = None
         self.site = None
+        self.setup_error = None
 
     # ------------------------------------------------------------------ setup
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self._setup(fl_ctx)
+            try:
+                self._setup(fl_ctx)
+            except FedsegError as e:  # bad data or configuration: say what and where, then refuse tasks
+                self.setup_error = str(e)
+                self.log_error(fl_ctx, f"site {fl_ctx.get_identity_name()} cannot train: {e}")
 
     def _setup(self, fl_ctx: FLContext):
         import torch
@@ -115,7 +121,7 @@ class SegmentationTrainer(Executor):
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.trainer is None:
-            self.log_error(fl_ctx, "the trainer was not set up (data loading failed at START_RUN; see the log above)")
+            self.log_error(fl_ctx, f"task {task_name} refused: {self.setup_error or 'the trainer was not set up'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         try:
             dxo = from_shareable(shareable)
