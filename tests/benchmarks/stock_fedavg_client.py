@@ -35,8 +35,10 @@ def main():
     trainer = LocalTrainer(model, train, cfg)
     while flare.is_running():
         received = flare.receive()
-        val_metrics = trainer.evaluate(val, received.params)  # what our executor does before training, too
-        result = trainer.train_round(received.params)
+        # the stock persistor does not send integer buffers (num_batches_tracked): keep the local ones
+        params = {**trainer.model.state_dict(), **received.params}
+        val_metrics = trainer.evaluate(val, params)  # what our executor does before training, too
+        result = trainer.train_round(params)
         flare.send(FLModel(params_type=ParamsType.DIFF, params=result.update,
                            metrics={"dice": float(val_metrics["dice"])},
                            meta={"NUM_STEPS_CURRENT_ROUND": result.steps}))
