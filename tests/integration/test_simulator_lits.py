@@ -50,7 +50,7 @@ class PoisonFilter(DXOFilter):
 """
 
 
-def _simulate(job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_site=None):
+def _simulate(job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_site=None, via_local_folder=False):
     job = replace(JOBS[job_name], **TINY)
     job_dir = job.export(tmp_path / "jobs")
     if poison_site:
@@ -61,7 +61,12 @@ def _simulate(job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_si
             {"path": "poison_filter.PoisonFilter", "args": {"site": poison_site}}]}]
         cfg_path.write_text(json.dumps(cfg))
     ws = tmp_path / "ws"
-    env = dict(os.environ, FEDSEG_DATA_CONFIG=str(data_cfg), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+    if via_local_folder:  # site-local configuration: WS/local is copied into every site's workspace
+        (ws / "local").mkdir(parents=True)
+        (ws / "local" / "fedseg_data.json").write_text(data_cfg.read_text())
+    else:
+        env["FEDSEG_DATA_CONFIG"] = str(data_cfg)
     proc = subprocess.run(
         [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(n_sites), "-t", str(n_sites)],
         env=env, capture_output=True, text=True, timeout=600,
@@ -77,10 +82,13 @@ def _results(ws):
     return res
 
 
-@pytest.mark.parametrize("job_name, aggregation", [("fedgs_lits", "fedgs"), ("fedavg_lits", "fedavg")])
-def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, tiny_data, tmp_path):
+@pytest.mark.parametrize("job_name, aggregation, via_local_folder",
+                         [("fedgs_lits", "fedgs", False), ("fedavg_lits", "fedavg", True)])
+def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, via_local_folder, tiny_data, tmp_path):
     _, cfg = tiny_data
-    ws, log = _simulate(job_name, tmp_path, cfg)
+    ws, log = _simulate(job_name, tmp_path, cfg, via_local_folder=via_local_folder)
+    expected_origin = "local/fedseg_data.json" if via_local_folder else "FEDSEG_DATA_CONFIG"
+    assert expected_origin in log
     res = _results(ws)
     assert "fedseg results:" in log and str(res) in log
     metrics = json.loads((res / "metrics.json").read_text())
