@@ -11,12 +11,6 @@ from fedseg.data.config import DataSource
 from fedseg.data.lits import LiTSPreprocessing, load_lits_site, load_lits_test_centre
 
 
-@pytest.fixture(autouse=True)
-def _data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSEG_DATA_HOME", str(tmp_path / "data_home"))
-    monkeypatch.delenv("FEDSEG_DATA_CONFIG", raising=False)
-
-
 @pytest.fixture
 def tiny(tmp_path, capsys):
     root = tmp_path / "tiny"

@@ -17,12 +17,6 @@ from fedseg.data.config import (CONFIG_ENV, DataSource, builtin_data_root, defau
 from fedseg.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSEG_DATA_HOME", str(tmp_path / "data_home"))
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-
-
 def _write(path: Path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))

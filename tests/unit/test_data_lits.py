@@ -23,14 +23,9 @@ from fedseg.errors import DataError
 P3 = LiTSPreprocessing(image_size=128, min_tumour_pixels=3)
 
 
-@pytest.fixture(autouse=True)
-def _data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSEG_DATA_HOME", str(tmp_path / "data_home"))
-
-
-@pytest.fixture(scope="module")
-def tiny_master(tmp_path_factory):
-    return synth_lits(tmp_path_factory.mktemp("tiny") / "lits", preset="tiny", seed=0, progress=False)
+@pytest.fixture
+def tiny_master(tiny_lits):
+    return tiny_lits
 
 
 @pytest.fixture

@@ -13,14 +13,9 @@ from fedseg.data.synthetic import CENTRE_SPECS, PRESETS, synth_lits
 from fedseg.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSEG_DATA_HOME", str(tmp_path / "data_home"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return synth_lits(tmp_path_factory.mktemp("tiny") / "lits", preset="tiny", seed=0, progress=False)
+@pytest.fixture
+def tiny(tiny_lits):
+    return tiny_lits
 
 
 def _arrays(root, i):

@@ -122,6 +122,17 @@ class DepthwiseSeparableConv(nn.Module):
 # Convolution blocks
 
 
+def _preact_shortcut(inplanes: int, planes: int, stride: int) -> nn.Module:
+    """Identity, or BN-ReLU-conv1x1 when the block changes width or resolution (reference shortcut)."""
+    if stride == 1 and inplanes == planes:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.BatchNorm2d(inplanes),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
+    )
+
+
 class BasicBlock(nn.Module):
     """Pre-activation residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus a BN-ReLU-conv1x1 shortcut if needed."""
 
@@ -133,13 +144,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or inplanes != planes:
-            self.shortcut = nn.Sequential(
-                nn.BatchNorm2d(inplanes),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
-            )
+        self.shortcut = _preact_shortcut(inplanes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
@@ -162,13 +167,7 @@ class BottleneckBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes // 4)
         self.conv3 = conv1x1(planes // 4, planes)
         self.bn3 = nn.BatchNorm2d(planes // 4)
-        self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or inplanes != planes:
-            self.shortcut = nn.Sequential(
-                nn.BatchNorm2d(inplanes),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
-            )
+        self.shortcut = _preact_shortcut(inplanes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu(self.bn1(x)))
