@@ -16,7 +16,6 @@ import torch
 from fedseg.data import lits as lits_mod
 from fedseg.data.config import DataSource, ensure_builtin_lits
 from fedseg.data.lits import LiTSPreprocessing, find_lits_cases, load_lits_site, load_lits_test_centre
-from fedseg.data.synthetic import synth_lits
 from fedseg.difficulty import lits_difficulty
 from fedseg.errors import DataError
 
