@@ -114,6 +114,16 @@ def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, v
     assert tb, "no TensorBoard files"
     # every round aggregated both sites
     assert log.count("aggregated 2 site(s)") == 2
+    # a site that holds the test centre evaluates the downloaded model with the CLI and gets the server's numbers
+    env = dict(os.environ, FEDSEG_DATA_CONFIG=str(cfg))
+    cli = subprocess.run([sys.executable, "-m", "fedseg.cli", "evaluate", "--model", str(res / "global_model.pt"),
+                          "--job", job_name, "--part", "test", "--out", str(tmp_path / "eval"),
+                          "--model-args", json.dumps(TINY["model_args"]), "--data-args", json.dumps(TINY["data_args"])],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["dice"] == pytest.approx(test["dice"], abs=1e-6)
+    assert (tmp_path / "eval" / "overlays.png").stat().st_size > 0
 
 
 def test_bad_update_from_a_site_is_rejected_and_the_round_goes_on(tiny_data, tmp_path):
