@@ -11,6 +11,17 @@ import torch
 from fedseg.metrics import dice_per_image, summarize_dice
 
 
+def image_batch(data, idx: np.ndarray) -> torch.Tensor:
+    """float32 [B, C, H, W] images of rows ``idx`` (grey datasets store [N, H, W], colour ones [N, C, H, W])."""
+    x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32))
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def mask_batch(data, idx: np.ndarray) -> torch.Tensor:
+    """float32 [B, 1, H, W] masks of rows ``idx``."""
+    return torch.from_numpy(np.ascontiguousarray(data.masks[idx], dtype=np.float32)).unsqueeze(1)
+
+
 @torch.no_grad()
 def predict_masks(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> np.ndarray:
     """Binary predictions [N, S, S] (uint8) of ``model`` on ``data``."""
@@ -19,7 +30,7 @@ def predict_masks(model: torch.nn.Module, data, device: torch.device, batch_size
     n = len(data.delta)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).unsqueeze(1).to(device)
+        x = image_batch(data, idx).to(device)
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
             logits = model(x)
         out.append((logits[:, 0].float() > 0).to(torch.uint8).cpu().numpy())
@@ -34,7 +45,7 @@ def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_siz
     dice = np.zeros(n, dtype=np.float64)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).unsqueeze(1).to(device)
+        x = image_batch(data, idx).to(device)
         y = torch.from_numpy(np.ascontiguousarray(data.masks[idx])).to(device) > 0
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
             logits = model(x)

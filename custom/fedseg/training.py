@@ -20,8 +20,8 @@ import torch
 from fedseg.algorithms.fedgs import FedGSAccumulator, model_update
 from fedseg.difficulty import batch_eta
 from fedseg.errors import ConfigError
+from fedseg.evaluation import evaluate_model, image_batch, mask_batch, predict_masks  # noqa: F401  (re-exported)
 from fedseg.losses import SoftDiceLoss
-from fedseg.evaluation import evaluate_model, predict_masks  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ class LocalTrainer:
     # ------------------------------------------------------------------ batches
     def _batch(self, data, idx: np.ndarray):
         idx = np.sort(idx)  # sorted reads are faster on memory-mapped arrays
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).unsqueeze(1)
-        y = torch.from_numpy(np.ascontiguousarray(data.masks[idx], dtype=np.float32)).unsqueeze(1)
-        return x, y, idx
+        return image_batch(data, idx), mask_batch(data, idx), idx
 
     def _make_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -159,7 +157,10 @@ class LocalTrainer:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(device_type=self.device.type, enabled=self._amp):
-                    loss = self.loss_fn(self.model(x), y)
+                    if hasattr(self.model, "training_loss"):  # models with their own composite loss (SD-UTNet)
+                        loss = self.model.training_loss(x, y)
+                    else:
+                        loss = self.loss_fn(self.model(x), y)
                 if self._scaler is not None:
                     self._scaler.scale(loss).backward()
                     with acc.step(eta):

@@ -10,7 +10,6 @@ site; the round goes on with the rest while at least ``min_accepted`` sites rema
 from __future__ import annotations
 
 import numpy as np
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext

@@ -12,7 +12,6 @@ import os
 from typing import Dict
 
 import numpy as np
-
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedseg.models import get_model
