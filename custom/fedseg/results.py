@@ -125,6 +125,7 @@ def write_results(
     history: Iterable[Mapping[str, Any]] = (),
     config: Optional[Mapping[str, Any]] = None,
     notes: Iterable[str] = (),
+    best: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Path]:
     """Write metrics.json, results.md, training_curves.png and dice_bars.png into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -137,6 +138,7 @@ def write_results(
         "test_centre_untrained": initial_test_metrics,
         "test_centre_by_round": test_curve or {},
         "history": history,
+        "best": best,
         "config": config or {},
         "notes": list(notes),
     }
@@ -149,6 +151,13 @@ def write_results(
             f"\nTest centre Dice: untrained model {_fmt(initial_test_metrics.get('dice'))} -> "
             f"trained {_fmt(test_metrics.get('dice'))}.\n"
         )
+    if best:
+        line = (f"\nBest global model by validation Dice: round {best['round']} "
+                f"(validation Dice {_fmt(best.get('val_dice'))}), saved as {best.get('file')}")
+        if best.get("test_centre"):
+            line += f"; on the test centre: Dice {_fmt(best['test_centre'].get('dice'))}, " \
+                    f"DiceS {_fmt(best['test_centre'].get('dice_s'))}, DiceL {_fmt(best['test_centre'].get('dice_l'))}"
+        md.append(line + ".\n")
     md.extend(f"\n{n}\n" for n in notes)
     md.append("\nPer-site rows: each site's validation split. DiceS: non-empty small-lesion images; "
               "DiceL: the other non-empty images (FedGS paper, section 3.4).\n")

@@ -101,7 +101,11 @@ def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, v
     assert set(metrics["test_centre_by_round"]) == {"1", "2"}
     tags = {(h["site"], h["tag"]) for h in metrics["history"]}
     assert ("site-1", "val_dice") in tags and ("site-2", "train_loss") in tags
-    for name in ("results.md", "training_curves.png", "dice_bars.png"):
+    best = metrics["best"]  # best checkpoint by image-weighted validation Dice, final model included
+    assert best["round"] in (0, 1, 2) and set(best["val_dice_by_round"]) == {"0", "1", "2"}
+    assert best["val_dice"] == max(best["val_dice_by_round"].values())
+    assert best["test_centre"]["n"] == test["n"] and (res / "best_global_model.pt").is_file()
+    for name in ("results.md", "training_curves.png", "dice_bars.png", "test_overlays.png"):
         assert (res / name).stat().st_size > 0
     # the global model loads into the configured network and differs from the untrained one
     from fedseg.models import get_model

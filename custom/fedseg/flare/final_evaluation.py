@@ -29,12 +29,14 @@ from fedseg.results import write_results
 class FinalEvaluation(Controller):
     def __init__(self, persistor_id: str = "persistor", validate_task_name: str = AppConstants.TASK_VALIDATION,
                  test_evaluator_id: str = "test_evaluator", recorder_id: str = "metrics_recorder",
-                 results_folder: str = "results", timeout: int = 0, job_config: dict | None = None):
+                 best_model_id: str = "best_model", results_folder: str = "results", timeout: int = 0,
+                 job_config: dict | None = None):
         super().__init__()
         self.persistor_id = persistor_id
         self.validate_task_name = validate_task_name
         self.test_evaluator_id = test_evaluator_id
         self.recorder_id = recorder_id
+        self.best_model_id = best_model_id
         self.results_folder = results_folder
         self.timeout = timeout
         self.job_config = dict(job_config or {})
@@ -72,6 +74,28 @@ class FinalEvaluation(Controller):
             model = persistor.load(fl_ctx)
         return model[ModelLearnableKey.WEIGHTS]
 
+    def _best_model(self, engine, weights, evaluator, fl_ctx: FLContext, out_dir: str):
+        """The best global model by validation Dice (final model included), copied to the results, with its test Dice."""
+        keeper = engine.get_component(self.best_model_id) if self.best_model_id else None
+        if keeper is None:
+            return None
+        num_rounds = max(keeper.by_round) + 1 if keeper.by_round else 0
+        keeper.offer(num_rounds, self._site_metrics, weights, fl_ctx)  # the final model, validated just now
+        if keeper.best_round is None or not keeper.path or not os.path.exists(keeper.path):
+            return None
+        import shutil
+
+        import torch
+
+        target = os.path.join(out_dir, "best_global_model.pt")
+        shutil.copyfile(keeper.path, target)
+        best = {"round": keeper.best_round, "val_dice": keeper.best_val_dice,
+                "val_dice_by_round": dict(keeper.by_round), "file": "best_global_model.pt"}
+        if evaluator is not None:
+            state = torch.load(target, map_location="cpu", weights_only=True)
+            best["test_centre"] = evaluator.evaluate({k: v.numpy() for k, v in state.items()}, fl_ctx)
+        return best
+
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
         engine = fl_ctx.get_engine()
         weights = self._global_weights(fl_ctx)
@@ -99,6 +123,7 @@ class FinalEvaluation(Controller):
             curve = dict(evaluator.by_round)
             if test_metrics is None and evaluator.unavailable_reason:
                 notes.append(f"No test-centre row: {evaluator.unavailable_reason}")
+        best = self._best_model(engine, weights, evaluator, fl_ctx, out_dir)
         recorder = engine.get_component(self.recorder_id) if self.recorder_id else None
         history = recorder.history() if recorder is not None else []
         missing = sorted(set(c.name for c in engine.get_clients()) - set(self._site_metrics))
@@ -112,7 +137,7 @@ class FinalEvaluation(Controller):
         config["job_name"] = config.get("job_name") or fl_ctx.get_job_id()
         write_results(out_dir, job_name=str(config["job_name"]), site_metrics=self._site_metrics,
                       test_metrics=test_metrics, initial_test_metrics=initial, test_curve=curve,
-                      history=history, config=config, notes=notes)
+                      history=history, config=config, notes=notes, best=best)
         summary = ""
         if test_metrics:
             summary = f" test centre Dice {test_metrics['dice']:.4f}"

@@ -114,6 +114,7 @@ class SegJob:
                 {"id": "final_evaluation", "path": "fedseg.flare.final_evaluation.FinalEvaluation",
                  "args": {"persistor_id": "persistor", "validate_task_name": "validate",
                           "test_evaluator_id": "test_evaluator", "recorder_id": "metrics_recorder",
+                          "best_model_id": "best_model",
                           "job_config": self.summary()}},
             ],
             "components": [
@@ -126,6 +127,7 @@ class SegJob:
                  "args": {"min_accepted": self.min_accepted}},
                 {"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                  "args": {"events": [FED_ANALYTICS_EVENT]}},
+                {"id": "best_model", "path": "fedseg.flare.best_model.BestModelKeeper", "args": {}},
                 {"id": "metrics_recorder", "path": "fedseg.flare.metrics_recorder.MetricsRecorder",
                  "args": {"events": [FED_ANALYTICS_EVENT]}},
                 {"id": "test_evaluator", "path": "fedseg.flare.test_evaluator.TestCentreEvaluator",
