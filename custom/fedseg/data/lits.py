@@ -27,13 +27,10 @@ Every bad input raises :class:`fedseg.errors.DataError` naming the file or site 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import re
-import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -43,7 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.data.config import DataSource, default_cache_dir, ensure_builtin_lits, file_lock
+from fedseg.data.cache import (building_folder, cache_folder, files_fingerprint, load_or_build, open_cache,
+                               write_json_atomic)
+from fedseg.data.config import DataSource, default_cache_dir, ensure_builtin_lits
 from fedseg.data.splits import PARTS, Split, centre_for_site, load_split
 from fedseg.difficulty import LITS_BASE, LITS_TAU, lits_difficulty_from_counts
 from fedseg.errors import ConfigError, DataError
@@ -346,53 +345,26 @@ class LiTSSliceDataset(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------ cache
 def _fingerprint(cases: dict[int, tuple[Path, Path]], ids: list[int], prep: LiTSPreprocessing) -> str:
-    files = []
-    for i in ids:
-        vol, seg = cases[i]
-        entry: list[Any] = [i]
-        for p in (vol, seg):
-            st = p.stat()
-            entry += [p.name, st.st_size, st.st_mtime_ns]
-        files.append(entry)
-    blob = json.dumps({"format": CACHE_FORMAT_VERSION, "prep": prep.to_json(), "files": files}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return files_fingerprint(((i, cases[i]) for i in ids), {"format": CACHE_FORMAT_VERSION, "prep": prep.to_json()})
 
 
 def _cache_folder(cache_dir: Path, root: Path, ids: list[int], centre: str, part: str,
                   prep: LiTSPreprocessing) -> Path:
-    key = json.dumps({"dataset": "lits", "root": str(root.resolve()), "ids": ids, "prep": prep.to_json(),
-                      "format": CACHE_FORMAT_VERSION}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{centre}_{part}")
-    return cache_dir / f"lits_{safe}_{digest}"
+    key = {"dataset": "lits", "root": str(root.resolve()), "ids": ids, "prep": prep.to_json(),
+           "format": CACHE_FORMAT_VERSION}
+    return cache_folder(cache_dir, "lits", f"{centre}_{part}", key)
 
 
 def _open_cache(folder: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
-    mf = folder / "manifest.json"
-    if not mf.is_file():
-        return None
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("format_version") != CACHE_FORMAT_VERSION or manifest.get("fingerprint") != fingerprint:
-        return None
-    n, s = int(manifest["n"]), int(manifest["image_size"])
-    try:
-        mode = "r" if n > 0 else None  # a zero-length array cannot be memory-mapped
-        images = np.load(folder / "images.npy", mmap_mode=mode)
-        masks = np.load(folder / "masks.npy", mmap_mode=mode)
-    except (OSError, ValueError):
-        return None
-    if images.shape != (n, s, s) or masks.shape != (n, s, s) or images.dtype != np.float16 or masks.dtype != np.uint8:
-        return None
-    return images, masks, manifest
+    def spec(manifest: dict[str, Any]):
+        n, s = int(manifest["n"]), int(manifest["image_size"])
+        return {"images": ((n, s, s), np.float16), "masks": ((n, s, s), np.uint8)}
 
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    opened = open_cache(folder, fingerprint, CACHE_FORMAT_VERSION, spec)
+    if opened is None:
+        return None
+    arrays, manifest = opened
+    return arrays["images"], arrays["masks"], manifest
 
 
 def _build_cache(folder: Path, cases: dict[int, tuple[Path, Path]], ids: list[int], root: Path, centre: str,
@@ -401,9 +373,7 @@ def _build_cache(folder: Path, cases: dict[int, tuple[Path, Path]], ids: list[in
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with building_folder(folder) as tmp:
         s = prep.image_size
         records: list[dict[str, Any]] = []
         chunks: list[tuple[Path, Path, int]] = []
@@ -455,20 +425,10 @@ def _build_cache(folder: Path, cases: dict[int, tuple[Path, Path]], ids: list[in
             "n": total, "image_size": s, "volumes_read": len(ids), "volumes_without_tumour_slices": empty_cases,
             "build_seconds": round(time.perf_counter() - t0, 3), "build_id": uuid.uuid4().hex, "samples": records,
         }
-        _write_json_atomic(tmp / "manifest.json", manifest)
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("built LiTS cache %s (%d slices from %d volumes) in %.1f s", folder, total, len(ids),
-                 time.perf_counter() - t0)
-        return manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(tmp / "manifest.json", manifest)
+    log.info("built LiTS cache %s (%d slices from %d volumes) in %.1f s", folder, total, len(ids),
+             time.perf_counter() - t0)
+    return manifest
 
 
 def load_lits_cases(root: Path, cases: dict[int, tuple[Path, Path]], ids: list[int], *, centre: str, part: str,
@@ -481,18 +441,9 @@ def load_lits_cases(root: Path, cases: dict[int, tuple[Path, Path]], ids: list[i
         raise DataError(f"LiTS cases {missing[:20]} are not in {root}; add the files or fix the split")
     folder = _cache_folder(cache_dir, root, ids, centre, part, prep)
     fingerprint = _fingerprint(cases, ids, prep)
-    lock = folder.parent / f"{folder.name}.lock"
-    opened = None
-    with file_lock(lock, shared=True):
-        opened = _open_cache(folder, fingerprint)
-    if opened is None:
-        with file_lock(lock):
-            opened = _open_cache(folder, fingerprint)  # another process may have built it meanwhile
-            if opened is None:
-                _build_cache(folder, cases, ids, root, centre, part, prep, fingerprint, progress)
-                opened = _open_cache(folder, fingerprint)
-        if opened is None:  # pragma: no cover - would mean the folder was removed right after building
-            raise DataError(f"LiTS cache {folder} could not be opened after building; check the disk and retry")
+    opened = load_or_build(
+        folder, lambda: _open_cache(folder, fingerprint),
+        lambda: _build_cache(folder, cases, ids, root, centre, part, prep, fingerprint, progress), "LiTS")
     images, masks, manifest = opened
     records = manifest["samples"]
     for r in records:
