@@ -66,3 +66,32 @@ def test_every_job_is_byoc_marked_and_uses_fedseg_classes():
         assert _client_args(job_dir)  # parses
         meta = json.loads((job_dir / "meta.json").read_text())
         assert meta["deploy_map"] == {"app": ["@ALL"]}
+
+
+@pytest.mark.parametrize("name, aggregation", [("fedgs_polypgen_paper", "fedgs"), ("fedavg_polypgen_paper", "fedavg")])
+def test_polypgen_paper_jobs_carry_the_paper_settings(name, aggregation):
+    job_dir = REPO / "jobs" / name
+    args = _client_args(job_dir)
+    assert args["aggregation"] == aggregation and args["dataset"] == "polypgen" and args["in_channels"] == 3
+    assert args["lr"] == 1e-4 and args["batch_size"] == 4 and args["local_epochs"] == 5
+    assert args["data_args"] == {"image_size": 512, "fold": 0}
+    assert args["model_args"]["base_chan"] == 32
+    sag = _server(job_dir)["workflows"][0]
+    assert sag["args"]["num_rounds"] == 100 and sag["args"]["min_clients"] == 5
+
+
+def test_job_variants_by_model_and_settings(tmp_path):
+    from fedseg.jobs.recipes import override
+
+    job = override(JOBS["fedgs_polypgen"], {"num_rounds": 3, "data_args.fold": 4})
+    assert job.num_rounds == 3 and job.data_args == {"image_size": 128, "fold": 4}
+    assert JOBS["fedgs_polypgen"].data_args["fold"] == 0  # the recipe itself is untouched
+    with pytest.raises(ValueError, match="unknown job setting"):
+        override(job, {"no_such_setting": 1})
+    with pytest.raises(ValueError, match="no quick preset"):
+        job.with_model("no_such_model")
+    assert main(["jobs", "export", "fedgs_polypgen", "--out", str(tmp_path), "--set", "data_args.fold=3",
+                 "--set", "num_rounds=2"]) == 0
+    args = _client_args(tmp_path / "fedgs_polypgen")
+    assert args["data_args"]["fold"] == 3
+    assert main(["jobs", "export", "fedgs_polypgen", "--set", "num_rounds=2"]) == 2  # never over jobs/

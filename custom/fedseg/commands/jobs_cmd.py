@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -26,6 +27,9 @@ def register(subparsers):
     ex.add_argument("--check", action="store_true", help="only compare the folders with a fresh export; exit 1 if they differ")
     ex.add_argument("--no-byoc", action="store_true",
                     help="omit app/custom (for sites that allow 'fedseg.' in class_allow_list instead of BYOC)")
+    ex.add_argument("--model", default=None, help="export with another model (e.g. sd_utnet) and its preset size")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a job setting, e.g. --set num_rounds=3 --set data_args.fold=2 (repeatable)")
     ex.set_defaults(func=run_export)
 
 
@@ -40,12 +44,17 @@ def run_list(args) -> int:
 
 def run_export(args) -> int:
     from fedseg.cli import CommandError
-    from fedseg.jobs.recipes import JOBS, diff_against
+    from fedseg.jobs.recipes import JOBS, diff_against, override
 
     out = args.out or _default_jobs_dir()
     unknown = [n for n in args.names if n not in JOBS]
     if unknown:
         raise CommandError(f"unknown job(s) {unknown}; known: {sorted(JOBS)}")
+    variant = bool(args.model or args.set)
+    if variant and args.out is None:
+        raise CommandError("--model/--set make a variant of a committed job: give --out so jobs/ stays as its recipes say")
+    if args.check and variant:
+        raise CommandError("--check compares committed jobs with their recipes; it takes no --model/--set")
     if args.check:
         problems = diff_against(out)
         if args.names:
@@ -57,7 +66,23 @@ def run_export(args) -> int:
             return 1
         print(f"job folders in {out} match their recipes")
         return 0
+    assignments = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CommandError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            assignments[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            assignments[key.strip()] = raw  # a bare string such as sd_utnet
     for name in args.names or list(JOBS):
-        path = JOBS[name].export(out, byoc=not args.no_byoc)
+        job = JOBS[name]
+        try:
+            if args.model:
+                job = job.with_model(args.model)
+            job = override(job, assignments)
+        except (ValueError, TypeError) as e:
+            raise CommandError(str(e)) from e
+        path = job.export(out, byoc=not args.no_byoc)
         print(f"exported {name} -> {path}")
     return 0

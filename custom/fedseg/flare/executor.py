@@ -25,7 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedseg.errors import FedsegError
 from fedseg.models import get_model
-from fedseg.sitedata import load_site_data
+from fedseg.sitedata import augmenter, load_site_data
 from fedseg.training import LocalTrainer, TrainConfig
 
 METRIC_KEYS = ("dice", "dice_s", "dice_l")
@@ -114,7 +114,7 @@ class SegmentationTrainer(Executor):
         # every site gets its own (reproducible) augmentation / shuffling stream
         self.cfg.seed = int(self.cfg.seed) + zlib.crc32(self.site.encode()) % 100_000
         model = get_model(self.model_name, in_channels=self.in_channels, num_classes=self.num_classes, **self.model_args)
-        self.trainer = LocalTrainer(model, train, self.cfg)
+        self.trainer = LocalTrainer(model, train, self.cfg, augment_fn=augmenter(self.dataset) if self.cfg.augment else None)
         self.log_info(fl_ctx, f"site {self.site}: training on {self.trainer.device}, aggregation={self.cfg.aggregation}")
         self.writer = engine.get_component(self.analytic_sender_id) if self.analytic_sender_id else None
 

@@ -64,6 +64,15 @@ class SegJob:
     test_every_n_rounds: int = 0
     train_timeout: int = 0
     min_accepted: int = 1
+    scale: str = "paper"  # "paper" or "quick": which model presets `with_model` uses
+
+    def with_model(self, model: str) -> "SegJob":
+        """The same job with another segmentation model (the model is a job argument)."""
+        key = (self.scale, model)
+        if key not in MODEL_PRESETS:
+            known = sorted(m for s, m in MODEL_PRESETS if s == self.scale)
+            raise ValueError(f"no {self.scale} preset for model {model!r}; known: {known}")
+        return replace(self, model=model, model_args=dict(MODEL_PRESETS[key]))
 
     # ------------------------------------------------------------------ FLARE configs
     def _shared_model(self) -> Dict[str, Any]:
@@ -170,6 +179,12 @@ class SegJob:
 
 
 # ---------------------------------------------------------------------- the jobs
+# FedGS builds UTNet with the reference defaults except dropout, which it leaves at 0.
+MODEL_PRESETS: Dict[tuple, Dict[str, Any]] = {
+    ("paper", "utnet"): {"base_chan": 32, "attn_drop": 0.0, "proj_drop": 0.0},
+    ("quick", "utnet"): {"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0},
+}
+
 # Paper settings (FedGS, section 3.3): AdamW lr 1e-4, batch 4, 5 local epochs a round, 60 rounds for LiTS,
 # images 512x512, UTNet base 32; Dice loss for UTNet.
 LITS_PAPER = SegJob(
@@ -178,8 +193,7 @@ LITS_PAPER = SegJob(
     "512x512, UTNet base 32). Point each site at its LiTS data with local/fedseg_data.json.",
     data_args={"image_size": 512, "min_tumour_pixels": 50},
     model="utnet",
-    # FedGS builds UTNet with the reference defaults except dropout, which it leaves at 0
-    model_args={"base_chan": 32, "attn_drop": 0.0, "proj_drop": 0.0},
+    model_args=MODEL_PRESETS[("paper", "utnet")],
     num_rounds=60,
     local_epochs=5,
     batch_size=4,
@@ -194,8 +208,38 @@ LITS_QUICK = replace(
     description="FedGS on built-in synthetic LiTS-format data: a CPU demo (< 10 min on 2 cores) of the paper's "
     "pipeline at small scale (128x128 images, narrow UTNet, few rounds).",
     data_args={"image_size": 128, "min_tumour_pixels": 12},
-    model_args={"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0},
+    model_args=MODEL_PRESETS[("quick", "utnet")],
+    scale="quick",
     num_rounds=15,
+    local_epochs=1,
+    lr=1e-3,
+    num_threads=1,
+    test_every_n_rounds=1,
+)
+
+
+# PolypGen (FedGS section 3.2-3.3): centres 1-5 train/validate with 5-fold cross-validation, centre 6 is the test
+# set; 100 rounds x 5 local epochs, batch 4, AdamW 1e-4, 512x512. `data_args.fold` selects the fold (`fedseg cv`).
+POLYPGEN_PAPER = replace(
+    LITS_PAPER,
+    name="fedgs_polypgen_paper",
+    description="FedGS on PolypGen with the paper's settings (100 rounds x 5 local epochs, AdamW 1e-4, batch 4, "
+    "512x512, UTNet base 32, 5 sites, fold 0 of 5). Point each site at its data with local/fedseg_data.json.",
+    dataset="polypgen",
+    in_channels=3,
+    data_args={"image_size": 512, "fold": 0},
+    num_rounds=100,
+    min_clients=5,
+)
+POLYPGEN_QUICK = replace(
+    POLYPGEN_PAPER,
+    name="fedgs_polypgen",
+    description="FedGS on built-in synthetic PolypGen-format data: a CPU demo of the paper's PolypGen pipeline "
+    "(5 sites, 128x128 images, narrow UTNet, few rounds, fold 0 of 5).",
+    data_args={"image_size": 128, "fold": 0},
+    model_args=MODEL_PRESETS[("quick", "utnet")],
+    scale="quick",
+    num_rounds=12,
     local_epochs=1,
     lr=1e-3,
     num_threads=1,
@@ -215,8 +259,28 @@ JOBS: Dict[str, SegJob] = {
         _fedavg(LITS_QUICK, "fedavg_lits"),
         LITS_PAPER,
         _fedavg(LITS_PAPER, "fedavg_lits_paper"),
+        POLYPGEN_QUICK,
+        _fedavg(POLYPGEN_QUICK, "fedavg_polypgen"),
+        POLYPGEN_PAPER,
+        _fedavg(POLYPGEN_PAPER, "fedavg_polypgen_paper"),
     )
 }
+
+
+def override(job: SegJob, assignments: Dict[str, Any]) -> SegJob:
+    """``job`` with fields replaced; dotted keys set one entry of a dict field (``data_args.fold``)."""
+    changes: Dict[str, Any] = {}
+    for key, value in assignments.items():
+        field_name, _, sub = key.partition(".")
+        if field_name not in SegJob.__dataclass_fields__ or field_name == "name" and sub:
+            raise ValueError(f"unknown job setting {key!r}; settings: {sorted(SegJob.__dataclass_fields__)}")
+        if sub:
+            current = dict(changes.get(field_name, getattr(job, field_name)) or {})
+            current[sub] = value
+            changes[field_name] = current
+        else:
+            changes[field_name] = value
+    return replace(job, **changes)
 
 
 def export_all(jobs_dir: Path, byoc: bool = True) -> Dict[str, Path]:
