@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "data_cmd",
     "jobs_cmd",
     "evaluate_cmd",
+    "cv_cmd",
+    "report_cmd",
 )
 
 
