@@ -1,28 +1,32 @@
 """Site-local data configuration: where each FLARE site finds its data, without editing the job.
 
-A job only names a dataset (``"lits"``). Each site decides *where* that data lives, in this order:
+A job only names a dataset (``"lits"`` or ``"polypgen"``). Each site decides *where* that data lives, in this order:
 
 1. ``<workspace_root>/local/fedseg_data.json`` -- FLARE's site-local folder. In a provisioned system
    ``workspace_root`` is the site's startup kit (``<kit>/local/``); under ``nvflare simulator -w WS`` the
    simulator copies ``WS/local`` into every site's workspace, so one file configures all simulated sites.
 2. The JSON file named by the environment variable ``FEDSEG_DATA_CONFIG``.
-3. Built-in synthetic data (``root=None``), generated once on first use (:func:`ensure_builtin_lits`).
+3. Built-in synthetic data (``root=None``), generated once on first use (:func:`ensure_builtin_lits`,
+   :func:`ensure_builtin_polypgen`).
 
 File format (a site's section overrides the top level key by key; relative paths are resolved against the
 folder that holds the JSON file; ``~`` is expanded)::
 
     {
       "lits": {"root": "/data/LiTS", "split": "paper", "centre": null, "cache_dir": null},
+      "polypgen": {"root": "/data/PolypGen2021_MultiCenterData_v3", "split": null},
       "sites": {"site-1": {"lits": {"centre": "centre-1"}},
-                "site-2": {"lits": {"root": "/mnt/other/LiTS"}}}
+                "site-2": {"lits": {"root": "/mnt/other/LiTS"}, "polypgen": {"centre": "centre-2"}}}
     }
 
 Keys of a dataset section:
 
-* ``root`` (required): folder with ``volume-<i>.nii[.gz]`` / ``segmentation-<i>.nii[.gz]``; the special value
-  ``"builtin"`` selects the built-in synthetic data explicitly.
-* ``split``: ``"paper"`` (the packaged FedGS split), ``"auto"`` (one local centre of all cases), a path to a
-  split JSON, or ``null`` (``<root>/split.json`` if present, else automatic).
+* ``root`` (required): LiTS: folder with ``volume-<i>.nii[.gz]`` / ``segmentation-<i>.nii[.gz]``; PolypGen:
+  folder with ``data_C<n>/images_C<n>/`` and ``data_C<n>/masks_C<n>/``; the special value ``"builtin"``
+  selects the built-in synthetic data explicitly.
+* ``split``: ``"paper"`` (the packaged FedGS LiTS split), ``"auto"`` (LiTS: one local centre of all cases;
+  PolypGen: automatic 5-fold split per centre), a path to a split JSON, or ``null`` (``<root>/split.json`` if
+  present, else automatic).
 * ``centre``: the split's centre this site holds (default: the split's ``sites`` mapping).
 * ``cache_dir``: where preprocessed caches go (default ``<root>/.fedseg_cache``, or ``~/.cache/fedseg/cache``
   when the root is read-only).
@@ -51,6 +55,7 @@ __all__ = [
     "resolve_data_source",
     "builtin_data_root",
     "ensure_builtin_lits",
+    "ensure_builtin_polypgen",
     "default_cache_dir",
     "file_lock",
 ]
@@ -62,11 +67,17 @@ DATA_HOME_ENV = "FEDSEG_DATA_HOME"
 #: file name inside FLARE's site-local folder ``<workspace>/local/``
 LOCAL_CONFIG_NAME = "fedseg_data.json"
 #: datasets this module knows how to configure
-DATASETS = ("lits",)
+DATASETS = ("lits", "polypgen")
 #: keys allowed in a dataset section
 _SECTION_KEYS = ("root", "split", "centre", "cache_dir")
 #: bump when the built-in data generator changes in a way that must regenerate old built-in copies
 BUILTIN_LITS_VERSION = 1
+BUILTIN_POLYPGEN_VERSION = 1  # bump with fedseg.data.synthetic_polypgen.SYNTH_VERSION
+#: what a data root of each dataset holds (for error messages)
+_ROOT_CONTENT = {
+    "lits": "volume-<i>.nii[.gz] and segmentation-<i>.nii[.gz]",
+    "polypgen": "data_C<n>/images_C<n>/*.jpg and data_C<n>/masks_C<n>/*_mask.jpg",
+}
 _BUILTIN_MARKER = ".fedseg_builtin.json"
 
 
@@ -178,8 +189,8 @@ def _source_from_file(dataset: str, site_name: str, path: Path, how: str) -> Dat
         if not root.is_dir():
             state = "is not a folder" if root.exists() else "does not exist"
             raise DataError(f"{path}: the {dataset!r} data root {root} for site {site_name!r} {state}; "
-                            f"point \"root\" at the folder that holds volume-<i>.nii[.gz] and "
-                            f"segmentation-<i>.nii[.gz] (relative paths are relative to {base})")
+                            f"point \"root\" at the folder that holds {_ROOT_CONTENT[dataset]} "
+                            f"(relative paths are relative to {base})")
     split_val = merged.get("split")
     split: str | None
     if split_val is None:
@@ -293,19 +304,12 @@ def _builtin_marker_ok(root: Path, expected: dict[str, Any]) -> bool:
     return all(found.get(k) == v for k, v in expected.items())
 
 
-def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
-    """Return the built-in synthetic LiTS root, generating ``synth_lits(preset, seed)`` there once.
-
-    Safe when several processes call it at once (e.g. 5 simulated sites): an exclusive ``fcntl`` lock
-    serialises them, the data is generated into a temporary sibling folder and renamed into place, and a
-    marker file (written inside before the rename) records the generator version, preset and seed. A copy
-    from another generator version/preset/seed is replaced. ``preset``/``seed`` exist for tests.
-    """
-    root = builtin_data_root("lits")
-    expected = {"generator_version": BUILTIN_LITS_VERSION, "preset": preset, "seed": int(seed)}
+def _ensure_builtin(dataset: str, version: int, generate: Any, progress: bool, preset: str, seed: int) -> Path:
+    """Generate ``generate(out_dir, preset=, seed=, progress=)`` once into :func:`builtin_data_root` (lock-safe)."""
+    root = builtin_data_root(dataset)
+    expected = {"generator_version": version, "preset": preset, "seed": int(seed)}
     if _builtin_marker_ok(root, expected):
         return root
-    from fedseg.data.synthetic import synth_lits  # scipy: only when generating
     parent = root.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +321,7 @@ def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: 
             return root
         tmp = parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            synth_lits(tmp, preset=preset, seed=seed, progress=progress)
+            generate(tmp, preset=preset, seed=seed, progress=progress)
             marker = dict(expected, generation_id=uuid.uuid4().hex, pid=os.getpid())
             (tmp / _BUILTIN_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
             old = None
@@ -331,3 +335,33 @@ def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: 
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
+    """Return the built-in synthetic LiTS root, generating ``synth_lits(preset, seed)`` there once.
+
+    Safe when several processes call it at once (e.g. 5 simulated sites): an exclusive ``fcntl`` lock
+    serialises them, the data is generated into a temporary sibling folder and renamed into place, and a
+    marker file (written inside before the rename) records the generator version, preset and seed. A copy
+    from another generator version/preset/seed is replaced. ``preset``/``seed`` exist for tests.
+    """
+    def generate(out: Path, **kw: Any) -> None:
+        from fedseg.data.synthetic import synth_lits  # scipy: only when generating
+
+        synth_lits(out, **kw)
+
+    return _ensure_builtin("lits", BUILTIN_LITS_VERSION, generate, progress, preset, seed)
+
+
+def ensure_builtin_polypgen(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
+    """Return the built-in synthetic PolypGen root, generating ``synth_polypgen(preset, seed)`` there once.
+
+    Same protocol as :func:`ensure_builtin_lits` (lock, temporary folder + rename, marker with the generator
+    version, preset and seed).
+    """
+    def generate(out: Path, **kw: Any) -> None:
+        from fedseg.data.synthetic_polypgen import synth_polypgen
+
+        synth_polypgen(out, **kw)
+
+    return _ensure_builtin("polypgen", BUILTIN_POLYPGEN_VERSION, generate, progress, preset, seed)
