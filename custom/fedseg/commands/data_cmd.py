@@ -4,14 +4,17 @@ Examples::
 
     fedseg data synth lits --out /data/lits_synth                  # "quick" preset, seed 0
     fedseg data synth lits --out /tmp/tiny --preset tiny --seed 3
+    fedseg data synth polypgen --out /data/polypgen_synth          # six centres of JPEG frames + masks
     fedseg data scan                                                # this site's configured data (or built-in)
     fedseg data scan --root /data/LiTS --split paper --out scan_lits
     fedseg data scan --data-config local/fedseg_data.json --sites site-1 site-2
+    fedseg data scan polypgen --root /data/PolypGen2021_MultiCenterData_v3 --out scan_polypgen
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,14 +34,18 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     sub.required = True
 
-    synth = sub.add_parser("synth", help="write a synthetic data set (real NIfTI files)",
-                           description="Write a synthetic LiTS-format data set: volume-<i>.nii.gz, "
+    synth = sub.add_parser("synth", help="write a synthetic data set (real NIfTI / JPEG files)",
+                           description="Write a synthetic data set in the real format. lits: volume-<i>.nii.gz, "
                                        "segmentation-<i>.nii.gz and split.json (sites site-1..4 -> centres 1-4, "
-                                       "test centre 5), with per-centre scanner style and tumour-size mix.")
-    synth.add_argument("dataset", choices=("lits",), help="data set format to generate")
+                                       "test centre 5), with per-centre scanner style and tumour-size mix. "
+                                       "polypgen: data_C<n>/images_C<n>/*.jpg and data_C<n>/masks_C<n>/*_mask.jpg "
+                                       "for six centres, split.json (5 folds per centre 1-5, centre 6 = test), "
+                                       "with per-centre endoscope style and polyp-size mix.")
+    synth.add_argument("dataset", choices=("lits", "polypgen"), help="data set format to generate")
     synth.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     synth.add_argument("--preset", choices=_PRESETS, default="quick",
-                       help="quick: 256x256, 30 volumes (default); tiny: 128x128, 10 volumes (tests)")
+                       help="quick (default; lits: 256x256, 30 volumes; polypgen: 212 frames of 256-384 px) or "
+                            "tiny (tests; lits: 128x128, 10 volumes; polypgen: 41 frames of ~100-150 px)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical data)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=run_synth)
@@ -47,7 +54,8 @@ def register(subparsers: Any) -> None:
                           description="Read the segmentations of each site's centre (all split parts) and of the "
                                       "test centre, and write inverse_area_<site>.png (log x-axis, tau marked; "
                                       "FedGS supplementary Fig. 1), summary.json and summary.md.")
-    scan.add_argument("dataset", nargs="?", choices=("lits",), default="lits", help="data set (default: lits)")
+    scan.add_argument("dataset", nargs="?", choices=("lits", "polypgen"), default="lits",
+                      help="data set (default: lits)")
     where = scan.add_mutually_exclusive_group()
     where.add_argument("--data-config", type=Path, default=None,
                        help="data-configuration JSON (the format of local/fedseg_data.json); default: "
@@ -59,15 +67,22 @@ def register(subparsers: Any) -> None:
                       help="sites to scan (default: every site of the split, plus its test centre)")
     scan.add_argument("--no-test", action="store_true", help="do not scan the split's test centre")
     scan.add_argument("--min-tumour-pixels", type=int, default=None,
-                      help="keep slices with at least this many tumour pixels (default: the synthetic data's "
+                      help="lits: keep slices with at least this many tumour pixels (default: the synthetic data's "
                            "recommended value if the root is synthetic, else 50)")
-    scan.add_argument("--tau", type=float, default=None, help="small threshold on a_inv (default 1000)")
-    scan.add_argument("--base", type=float, default=None, help="difficulty log base (default 1000)")
+    scan.add_argument("--mask-threshold", type=int, default=None,
+                      help="polypgen: lesion = mask gray > this (default 127)")
+    scan.add_argument("--n-folds", type=int, default=5, help="polypgen: folds of the split (default 5)")
+    scan.add_argument("--tau", type=float, default=None,
+                      help="small threshold on a_inv (default: lits 1000, polypgen 150)")
+    scan.add_argument("--base", type=float, default=None, help="difficulty log base (default: lits 1000, "
+                                                                "polypgen 100)")
     scan.add_argument("--out", type=Path, default=Path("fedseg_scan"), help="output folder (default ./fedseg_scan)")
     scan.set_defaults(func=run_scan)
 
 
 def run_synth(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    if args.dataset == "polypgen":
+        return _run_synth_polypgen(args, out)
     from fedseg.data.lits import resolve_lits_split
     from fedseg.data.config import DataSource
     from fedseg.data.scan import format_table, summarize_split
@@ -90,6 +105,10 @@ def run_synth(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    if args.dataset == "polypgen":
+        return _run_scan_polypgen(args, out)
+    if args.mask_threshold is not None:
+        raise ConfigError("--mask-threshold applies to polypgen only (LiTS labels are 0/1/2)")
     from fedseg.data.config import CONFIG_ENV, DataSource, resolve_data_source
     from fedseg.data.lits import resolve_lits_split
     from fedseg.data.scan import format_table, recommended_min_pixels, scan_centre, scan_lits
@@ -137,5 +156,96 @@ def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     result = scan_lits(groups, args.out, min_tumour_pixels=min_px, base=base, tau=tau)
     print(f"scanned {first.origin}; tumour slices with >= {min_px} px, small = a_inv >= {tau:g}:", file=out)
     print(format_table(result["groups"]), file=out)
+    print(f"wrote {', '.join(result['files'])} to {Path(args.out).resolve()}", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ PolypGen
+def _run_synth_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from fedseg.data.config import DataSource
+    from fedseg.data.polypgen import PolypGenPreprocessing, centre_number, find_polypgen_centres, load_polypgen_split
+    from fedseg.data.scan_polypgen import format_polypgen_table, scan_polypgen_group
+    from fedseg.data.synthetic_polypgen import CENTRE_STYLES, synth_polypgen
+
+    out = sys.stdout if out is None else out
+    t0 = time.perf_counter()
+    root = synth_polypgen(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    src = DataSource("polypgen", root, None, None, None, f"fedseg data synth polypgen --out {root}")
+    on_disk = find_polypgen_centres(root)
+    prep = PolypGenPreprocessing()
+    split = load_polypgen_split(src.split, root, on_disk, prep.n_folds)
+    groups = []
+    for centre, c in split.centres.items():
+        wanted = set(c.stems())
+        pairs = [pm for pm in on_disk[centre_number(centre)] if pm[0].stem in wanted]
+        groups.append(scan_polypgen_group(centre, root, centre, pairs, split.fold_of(centre)))
+    meta = json.loads((root / "synthetic.json").read_text(encoding="utf-8"))
+    n_frames = sum(len(g.stems) for g in groups)
+    print(f"wrote synthetic PolypGen ({args.preset}, seed {args.seed}, {n_frames} frames in {len(groups)} centres) "
+          f"to {root.resolve()} in {seconds:.1f} s", file=out)
+    print("frames per centre; small = H*W / area(smallest polyp) >= 150 (FedGS PolypGen rule, "
+          "fedseg.difficulty.polypgen_difficulty):", file=out)
+    print(format_polypgen_table([g.summary() for g in groups]), file=out)
+    sizes = ", ".join(f"{c}: {'x'.join(map(str, meta['centres'][c]['frame_size']))} {CENTRE_STYLES[c].border}"
+                      for c in CENTRE_STYLES)
+    print(f"frame sizes (W x H) and field-of-view borders: {sizes}", file=out)
+    kinds = ", ".join(f"{c}: {k['attached']}" for c, k in meta["kinds"].items())
+    print(f"frames with a small polyp attached to a large one: {kinds}", file=out)
+    return 0
+
+
+def _run_scan_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from fedseg.data.config import CONFIG_ENV, DataSource, resolve_data_source
+    from fedseg.data.polypgen import PolypGenPreprocessing, require_centre, centre_number, resolve_polypgen
+    from fedseg.data.scan_polypgen import format_polypgen_table, scan_polypgen, scan_polypgen_group
+    from fedseg.data.splits import centre_for_site
+    from fedseg.difficulty import POLYPGEN_BASE, POLYPGEN_TAU
+
+    out = sys.stdout if out is None else out
+    if args.min_tumour_pixels is not None:
+        raise ConfigError("--min-tumour-pixels applies to lits only (PolypGen frames are all kept)")
+    if args.split is not None and args.root is None:
+        raise ConfigError("--split only applies with --root (a data configuration names its own split)")
+    env: dict[str, str] = dict(os.environ)
+    if args.data_config is not None:
+        if not args.data_config.is_file():
+            raise ConfigError(f"--data-config {args.data_config}: file does not exist")
+        env[CONFIG_ENV] = str(args.data_config.resolve())
+
+    def source_for(site: str) -> DataSource:
+        if args.root is not None:
+            return DataSource("polypgen", args.root, args.split, None, None, f"--root {args.root}")
+        return resolve_data_source("polypgen", site, workspace_root=None, env=env)
+
+    prep = PolypGenPreprocessing(n_folds=args.n_folds,
+                                 mask_threshold=127 if args.mask_threshold is None else args.mask_threshold,
+                                 base=POLYPGEN_BASE if args.base is None else args.base,
+                                 tau=POLYPGEN_TAU if args.tau is None else args.tau)
+    first = source_for(args.sites[0] if args.sites else "scan")
+    resolved = {first: resolve_polypgen(first, prep, progress=True)}
+    root0, _, split0, _ = resolved[first]
+    sites = list(args.sites) if args.sites else list(split0.sites)
+
+    def group(label: str, src: DataSource, centre: str | None, part: str) -> Any:
+        if src not in resolved:
+            resolved[src] = resolve_polypgen(src, prep, progress=True)
+        root, on_disk, split, _ = resolved[src]
+        who = f"site {label}" if part == "train" else "the test-centre scan"
+        if centre is None:
+            centre = centre_for_site(split, label, src.centre)  # type: ignore[arg-type]
+        require_centre(root, on_disk, split, centre, who, src.origin)
+        c = split.centres[centre]
+        wanted = set(c.test if part == "test" else [s for f in c.folds for s in f])
+        pairs = [pm for pm in on_disk[centre_number(centre)] if pm[0].stem in wanted]
+        fold_of = split.fold_of(centre) if part != "test" else {}
+        return scan_polypgen_group(label, root, centre, pairs, fold_of, prep.mask_threshold, prep.base, prep.tau)
+
+    groups = [group(site, source_for(site), None, "train") for site in sites]
+    if split0.test_centre is not None and not args.no_test:
+        groups.append(group("test", first, split0.test_centre, "test"))
+    result = scan_polypgen(groups, args.out, mask_threshold=prep.mask_threshold, base=prep.base, tau=prep.tau)
+    print(f"scanned {first.origin} ({root0}); small = H*W / area(smallest polyp) >= {prep.tau:g}:", file=out)
+    print(format_polypgen_table(result["groups"]), file=out)
     print(f"wrote {', '.join(result['files'])} to {Path(args.out).resolve()}", file=out)
     return 0

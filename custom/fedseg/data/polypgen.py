@@ -80,7 +80,7 @@ __all__ = [
     "PolypGenDataset", "PolypGenSplit", "find_polypgen_centres", "centre_name", "centre_number",
     "read_polypgen_image", "read_polypgen_mask", "check_mask_binary", "load_polypgen_split",
     "automatic_polypgen_split", "resolve_polypgen", "load_polypgen_centre", "load_polypgen_site",
-    "load_polypgen_test_centre", "polypgen_split_to_json",
+    "load_polypgen_test_centre", "polypgen_split_to_json", "require_centre",
 ]
 
 log = logging.getLogger("fedseg.data.polypgen")
@@ -777,7 +777,7 @@ def resolve_polypgen(source: DataSource, prep: PolypGenPreprocessing, progress: 
     return root, on_disk, split, cache_dir
 
 
-def _require_centre(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], split: PolypGenSplit, centre: str,
+def require_centre(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], split: PolypGenSplit, centre: str,
                     who: str, origin: str) -> None:
     n = centre_number(centre)
     if n not in on_disk or centre not in split.centres:
@@ -790,7 +790,7 @@ def _require_centre(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], spl
 def _dataset(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], split: PolypGenSplit, cache_dir: Path,
              centre: str, part: str, stems: list[str], site: str | None, prep: PolypGenPreprocessing, who: str,
              origin: str, progress: bool) -> PolypGenDataset:
-    _require_centre(root, on_disk, split, centre, who, origin)
+    require_centre(root, on_disk, split, centre, who, origin)
     wanted = set(split.centres[centre].stems())
     pairs = [p for p in on_disk[centre_number(centre)] if p[0].stem in wanted]
     images, masks, records, folder = load_polypgen_centre(root, centre, pairs, prep, cache_dir, progress)
@@ -822,7 +822,7 @@ def load_polypgen_site(source: DataSource, site_name: str, part: str, prep: Poly
     if centre == split.test_centre:
         raise DataError(f"site {site_name}: {centre} is the test centre of the split {split.source}; map the site to "
                         f"a training centre (\"centre\" in its data configuration or the split's \"sites\")")
-    _require_centre(root, on_disk, split, centre, f"site {site_name}", source.origin)
+    require_centre(root, on_disk, split, centre, f"site {site_name}", source.origin)
     stems = split.part(centre, part, prep.fold)
     if part == "train" and not stems:
         raise DataError(f"site {site_name}: {centre} has no training images for fold {prep.fold} in the split "
@@ -838,7 +838,7 @@ def load_polypgen_test_centre(source: DataSource, prep: PolypGenPreprocessing, p
     if split.test_centre is None:
         raise DataError(f"the split {split.source} has no test centre; add \"test_centre\" (e.g. \"centre-6\" with "
                         f"its \"test\" list)")
-    _require_centre(root, on_disk, split, split.test_centre, "the test-centre evaluation", source.origin)
+    require_centre(root, on_disk, split, split.test_centre, "the test-centre evaluation", source.origin)
     stems = split.part(split.test_centre, "test", prep.fold)
     if not stems:
         raise DataError(f"test centre {split.test_centre} of the split {split.source} lists no test images")
