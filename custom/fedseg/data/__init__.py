@@ -8,6 +8,10 @@
 * :mod:`fedseg.data.synthetic` -- writer of synthetic LiTS-format data with controlled heterogeneity.
 * :mod:`fedseg.data.transforms` -- batched augmentation on tensors.
 * :mod:`fedseg.data.scan` -- inverse-area histograms and summaries (``fedseg data scan``).
+* :mod:`fedseg.data.polypgen` -- PolypGen JPEG reader, 5-fold split files, difficulty manifest, cache and Dataset.
+* :mod:`fedseg.data.synthetic_polypgen` -- writer of synthetic PolypGen-format frames and masks (six centres).
+* :mod:`fedseg.data.scan_polypgen` -- PolypGen small-polyp histograms (``fedseg data scan polypgen``).
+* :mod:`fedseg.data.cache` -- the on-disk cache protocol shared by the readers (locks, fingerprints, row views).
 
-Submodules are imported on demand (torch is only needed by ``lits`` and ``transforms``).
+Submodules are imported on demand (torch is only needed by ``lits``, ``polypgen`` and ``transforms``).
 """

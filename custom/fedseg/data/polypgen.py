@@ -41,11 +41,11 @@ reference code, which keeps consecutive frames of one patient/video mostly in on
 site: validation = its centre's fold ``k``, training = the other folds. Every image of a centre must be in
 exactly one fold (or ``test``, or the explicit ``excluded`` list): nothing is silently dropped.
 
-Cache: one folder per (data root, centre, image list, preprocessing) -- independent of the fold, so the five
-folds of a cross-validation share it -- with ``images.npy`` [N, 3, S, S] float16, ``masks.npy`` [N, S, S]
-uint8 and ``manifest.json`` (records + fingerprint of file names, sizes, mtimes and preprocessing), built
-under an ``fcntl`` lock and reused while the fingerprint matches (:mod:`fedseg.data.cache`). A site's
-dataset is a row view of its centre's cache (no copy).
+Cache: one folder per (data root, centre, image list, preprocessing, difficulty estimator version) --
+independent of the fold, so the five folds of a cross-validation share it -- with ``images.npy``
+[N, 3, S, S] float16, ``masks.npy`` [N, S, S] uint8 and ``manifest.json`` (records + fingerprint of file
+names, sizes, mtimes and preprocessing), built under an ``fcntl`` lock and reused while the fingerprint
+matches (:mod:`fedseg.data.cache`). A site's dataset is a row view of its centre's cache (no copy).
 
 Every bad input raises :class:`fedseg.errors.DataError` naming the file or centre and the fix.
 """
@@ -681,10 +681,14 @@ class PolypGenDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------ cache
-def _difficulty(mask: np.ndarray, base: float, tau: float):
-    from fedseg.difficulty import polypgen_difficulty
+def _difficulty_module() -> Any:
+    from fedseg import difficulty
 
-    return polypgen_difficulty(mask, base=base, tau=tau)
+    return difficulty
+
+
+def _difficulty(mask: np.ndarray, base: float, tau: float):
+    return _difficulty_module().polypgen_difficulty(mask, base=base, tau=tau)
 
 
 def _process_pair(img_path: Path, mask_path: Path, prep: PolypGenPreprocessing
@@ -717,22 +721,27 @@ def _build_centre_cache(folder: Path, root: Path, centre: str, pairs: Sequence[t
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float16, shape=(n, 3, s, s))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, s, s))
         records: list[dict[str, Any]] = []
-        with ThreadPoolExecutor(max_workers=_workers()) as pool, \
-                tqdm(total=n, desc=f"polypgen {centre}", unit="img", disable=not progress) as bar:
-            results = pool.map(lambda pm: _process_pair(pm[0], pm[1], prep), pairs)
-            for i, ((img_path, mask_path), (image, mask, rec)) in enumerate(zip(pairs, results)):
-                images[i] = image
-                masks[i] = mask
-                records.append({"stem": img_path.stem, "centre": centre,
-                                "image": img_path.relative_to(root).as_posix(),
-                                "mask": mask_path.relative_to(root).as_posix(), **rec})
-                bar.update(1)
+        # decoding (PIL) and the checks release the GIL for much of the work: a few threads, results in order
+        pool = ThreadPoolExecutor(max_workers=_workers())
+        try:
+            with tqdm(total=n, desc=f"polypgen {centre}", unit="img", disable=not progress) as bar:
+                results = pool.map(lambda pm: _process_pair(pm[0], pm[1], prep), pairs)
+                for i, ((img_path, mask_path), (image, mask, rec)) in enumerate(zip(pairs, results)):
+                    images[i] = image
+                    masks[i] = mask
+                    records.append({"stem": img_path.stem, "centre": centre,
+                                    "image": img_path.relative_to(root).as_posix(),
+                                    "mask": mask_path.relative_to(root).as_posix(), **rec})
+                    bar.update(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a bad file stops the build without reading the rest
         images.flush()
         masks.flush()
         del images, masks
         write_json_atomic(tmp / "manifest.json", {
             "format_version": CACHE_FORMAT_VERSION, "fingerprint": fingerprint, "dataset": "polypgen",
             "root": str(root), "centre": centre, "prep": prep.cache_key(), "n": n, "image_size": s,
+            "difficulty_estimator_version": int(getattr(_difficulty_module(), "POLYPGEN_ESTIMATOR_VERSION", 0)),
             "build_seconds": round(time.perf_counter() - t0, 3), "build_id": uuid.uuid4().hex, "samples": records,
         })
     log.info("built PolypGen cache %s (%d images) in %.1f s", folder, n, time.perf_counter() - t0)
@@ -745,11 +754,15 @@ def load_polypgen_centre(root: Path, centre: str, pairs: Sequence[tuple[Path, Pa
     root = Path(root)
     pairs = sorted(pairs, key=lambda p: p[0].stem)
     stems = [p[0].stem for p in pairs]
+    from fedseg import difficulty
+
+    # a new small-polyp estimator gives new manifests: its version is part of the cache key
+    estimator = int(getattr(difficulty, "POLYPGEN_ESTIMATOR_VERSION", 0))
     key = {"dataset": "polypgen", "root": str(root.resolve()), "centre": centre, "stems": stems,
-           "prep": prep.cache_key(), "format": CACHE_FORMAT_VERSION}
+           "prep": prep.cache_key(), "estimator": estimator, "format": CACHE_FORMAT_VERSION}
     folder = cache_folder(cache_dir, "polypgen", centre, key)
     fingerprint = files_fingerprint(((p[0].stem, p) for p in pairs),
-                                    {"format": CACHE_FORMAT_VERSION, "prep": prep.cache_key()})
+                                    {"format": CACHE_FORMAT_VERSION, "prep": prep.cache_key(), "estimator": estimator})
 
     def spec(manifest: dict[str, Any]):
         n, s = int(manifest["n"]), int(manifest["image_size"])
@@ -780,11 +793,16 @@ def resolve_polypgen(source: DataSource, prep: PolypGenPreprocessing, progress: 
 def require_centre(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], split: PolypGenSplit, centre: str,
                     who: str, origin: str) -> None:
     n = centre_number(centre)
-    if n not in on_disk or centre not in split.centres:
+    if n not in on_disk:
         present = ", ".join(f"data_C{k}" for k in sorted(on_disk)) or "none"
         raise DataError(f"{who} needs {centre}, but {root} has no data_C{n}/ folder (found: {present}; split "
                         f"{split.source}, data from {origin}); point the data root at the folder that holds "
-                        f"data_C{n}/images_C{n}/ and data_C{n}/masks_C{n}/, or map the site to a centre that is present")
+                        f"data_C{n}/images_C{n}/ and data_C{n}/masks_C{n}/, or map the site to a centre that is "
+                        f"present")
+    if centre not in split.centres:
+        raise DataError(f"{who} needs {centre}, which the split {split.source} does not list (centres: "
+                        f"{', '.join(split.centres)}); add it to the split or remove the split file to use the "
+                        f"automatic one")
 
 
 def _dataset(root: Path, on_disk: dict[int, list[tuple[Path, Path]]], split: PolypGenSplit, cache_dir: Path,
