@@ -51,9 +51,10 @@ def register(subparsers: Any) -> None:
     synth.set_defaults(func=run_synth)
 
     scan = sub.add_parser("scan", help="inverse-area histograms and small fractions per site",
-                          description="Read the segmentations of each site's centre (all split parts) and of the "
-                                      "test centre, and write inverse_area_<site>.png (log x-axis, tau marked; "
-                                      "FedGS supplementary Fig. 1), summary.json and summary.md.")
+                          description="Read the segmentations / masks of each site's centre (all split parts or "
+                                      "folds) and of the test centre, and write inverse_area_<site>.png (log x-axis, "
+                                      "tau marked; FedGS supplementary Fig. 1; PolypGen: H*W / area of the smallest "
+                                      "polyp), summary.json and summary.md.")
     scan.add_argument("dataset", nargs="?", choices=("lits", "polypgen"), default="lits",
                       help="data set (default: lits)")
     where = scan.add_mutually_exclusive_group()
