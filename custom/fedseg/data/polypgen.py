@@ -52,6 +52,7 @@ Every bad input raises :class:`fedseg.errors.DataError` naming the file or centr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -549,8 +550,6 @@ def _auto_split_path(cache_dir: Path, n_folds: int) -> Path:
 def _automatic_split_file(cache_dir: Path, root: Path, on_disk: dict[int, list[tuple[Path, Path]]],
                           n_folds: int) -> PolypGenSplit:
     """The automatic split, written once to the cache folder and reused while it matches the data."""
-    import json
-
     path = _auto_split_path(cache_dir, n_folds)
     fresh = automatic_polypgen_split(on_disk, n_folds, source=str(path))
     want = polypgen_split_to_json(fresh)
@@ -577,8 +576,6 @@ def load_polypgen_split(spec: str | Path | None, root: Path, on_disk: dict[int, 
     disk, images on disk that are in no fold (nothing is dropped silently), ``n_folds`` different from the
     preprocessing's, or ``"paper"`` (there is no packaged PolypGen split).
     """
-    import json
-
     root = Path(root)
     if spec is None:
         candidate = root / "split.json"
@@ -674,10 +671,15 @@ class PolypGenDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if isinstance(self.images, tuple) and self.images[0] == "rows":
-            n = len(self.manifest)
-            mode = "r" if n > 0 else None
-            self.images = RowView(np.load(self.cache_path / "images.npy", mmap_mode=mode), self.images[1])
-            self.masks = RowView(np.load(self.cache_path / "masks.npy", mmap_mode=mode), self.masks[1])
+            self.images = RowView(_load_npy(self.cache_path / "images.npy"), self.images[1])
+            self.masks = RowView(_load_npy(self.cache_path / "masks.npy"), self.masks[1])
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # a zero-length array cannot be memory-mapped
+        return np.load(path)
 
 
 # ------------------------------------------------------------------------------------------ cache
