@@ -197,9 +197,12 @@ def test_mask_difficulty_lits_defaults_and_overrides():
     assert mask_difficulty(m, mode="lits", base=10.0).delta == pytest.approx(math.tanh(9.0))
 
 
-def test_mask_difficulty_polypgen_not_available_yet():
-    with pytest.raises(NotImplementedError, match="PolypGen difficulty mode is not available yet"):
-        mask_difficulty(mask_with(10, 10, 1), mode="polypgen")
+def test_mask_difficulty_polypgen_dispatch():
+    # 100 x 100 with 10 lesion pixels in one row: one lesion, a_inv 1000 >= tau 150 -> small; (log_100 1000)^2 = 2.25
+    # (the PolypGen mode itself is tested in test_difficulty_polypgen.py)
+    d = mask_difficulty(mask_with(100, 100, 10), mode="polypgen")
+    assert (d.inverse_area, d.small) == (1000.0, True)
+    assert d.delta == pytest.approx(math.tanh(2.25), abs=1e-12)
 
 
 def test_mask_difficulty_unknown_mode():

@@ -122,10 +122,50 @@ def test_unsupported_extension(tmp_path, capsys):
     assert "mask.bmp" in err and "unsupported" in err and ".nii.gz" in err
 
 
-def test_polypgen_not_available(masks, capsys):
-    assert main(["difficulty", "--mode", "polypgen", str(masks["npy"])]) == 2
-    cap = capsys.readouterr()
-    assert cap.out == "" and "not available yet" in cap.err and "--mode lits" in cap.err
+@pytest.fixture()
+def polyp_masks(tmp_path):
+    """200 x 200 PolypGen-style masks: two lesions (one small), one large lesion, empty; .npy and .jpg."""
+    two = np.zeros((200, 200), np.uint8)
+    two[20:35, 20:40] = 255  # 300 px
+    two[150:160, 150:160] = 255  # 100 px: the smallest lesion, 40000 / 100 = 400 >= 150 -> small
+    big = np.zeros((200, 200), np.uint8)
+    big[50:150, 50:150] = 255  # one lesion, 40000 / 10000 = 4 -> not small
+    paths = {}
+    for name, arr in (("two", two), ("big", big), ("empty", np.zeros((200, 200), np.uint8))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        paths[name] = tmp_path / f"{name}.npy"
+    Image.fromarray(two).save(tmp_path / "two_mask.jpg", quality=75)  # grey > 127 = lesion
+    paths["jpg"] = tmp_path / "two_mask.jpg"
+    return paths
+
+
+def test_polypgen_mode_json(polyp_masks, capsys):
+    files = [str(polyp_masks[k]) for k in ("two", "big", "empty", "jpg")]
+    assert main(["difficulty", "--mode", "polypgen", "--json", "--batch", *files]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert len(rows) == 5
+    for r in rows[:4]:
+        assert (r["mode"], r["base"], r["tau"]) == ("polypgen", 100.0, 150.0)
+    two, big, empty, jpg = rows[:4]
+    # whole mask: 40000 / 400 = 100 -> delta = tanh((log_100 100)^2) = tanh(1), small because of the 100 px lesion
+    assert (two["lesion_pixels"], two["inverse_area"], two["small"]) == (400, 100.0, True)
+    assert two["delta"] == pytest.approx(TANH_1, abs=1e-12)
+    assert (big["inverse_area"], big["small"], big["delta"]) == (4.0, False, 0.0)
+    assert (empty["inverse_area"], empty["small"], empty["delta"]) == (None, False, 0.0)
+    assert jpg["small"] is True and abs(jpg["lesion_pixels"] - 400) <= 8  # JPEG edges, binarised at > 127
+    # eta over the 4: 1 + 2/4 * (tanh(1) + 0 + 0 + delta_jpg)
+    assert rows[4]["eta"] == pytest.approx(1 + 0.5 * (TANH_1 + jpg["delta"]), abs=1e-12)
+
+
+def test_polypgen_mode_table_and_options(polyp_masks, capsys):
+    assert main(["difficulty", "--mode", "polypgen", str(polyp_masks["two"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mode polypgen  base 100  tau 150") and "smallest detected lesion" in out[0]
+    assert out[2].split()[1:] == ["200", "200", "400", "100.00", "yes", "0.761594"]
+    # tau 401: the smallest lesion's 40000 / 100 = 400 < 401 -> not small
+    assert main(["difficulty", "--mode", "polypgen", "--json", "--tau", "401", str(polyp_masks["two"])]) == 0
+    r = _json_lines(capsys.readouterr().out)[0]
+    assert (r["small"], r["delta"], r["tau"]) == (False, 0.0, 401.0)
 
 
 def test_bad_base(masks, capsys):

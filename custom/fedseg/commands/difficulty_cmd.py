@@ -4,6 +4,12 @@ Examples::
 
     fedseg difficulty --json seg_slice_001.npy seg_slice_002.png
     fedseg difficulty --batch a.nii.gz b.nii.gz c.nii.gz d.nii.gz     # also prints eta for the 4 as one batch
+    fedseg difficulty --mode polypgen --json data_C1/masks_C1/*_mask.jpg
+
+Modes: ``lits`` (small = whole-mask inverse area >= tau; l = 1000, tau = 1000) and ``polypgen`` (small = the
+smallest detected lesion's inverse area >= tau, erosion + LoG blob detector, see
+:func:`fedseg.difficulty.polypgen_difficulty`; l = 100, tau = 150). In both, ``inverse_area`` and ``delta`` use
+the whole mask.
 
 All masks are read before anything is printed: a bad file stops the command (exit 2) with a message naming it.
 """
@@ -18,9 +24,8 @@ from typing import Any, TextIO
 
 from fedseg.errors import ConfigError, DataError
 
-# modes the CLI offers; implemented ones are those that fedseg.difficulty.mask_difficulty supports
+# modes the CLI offers (fedseg.difficulty.mask_difficulty implements them)
 _MODES = ("lits", "polypgen")
-_AVAILABLE_MODES = ("lits",)
 
 
 def register(subparsers: Any) -> None:
@@ -29,16 +34,19 @@ def register(subparsers: Any) -> None:
         help="FedGS difficulty (inverse area, small flag, delta) of mask files",
         description=(
             "Compute the FedGS difficulty of binary lesion masks: a_inv = H*W / lesion pixels, "
-            "small = a_inv >= tau, delta = tanh((log_base a_inv)^2) * small. Empty masks have delta 0. "
+            "delta = tanh((log_base a_inv)^2) * small. small: lits mode a_inv >= tau; polypgen mode "
+            "H*W / (area of the smallest detected lesion) >= tau (erosion separates touching lesions, a LoG "
+            "blob detector finds them). Empty masks have delta 0. "
             "Masks: .npy, .png (nonzero = lesion), .jpg/.jpeg (grey > 127 = lesion), .nii/.nii.gz (2-D)."
         ),
     )
     parser.add_argument("--mode", choices=_MODES, default="lits",
-                        help="difficulty mode (default: lits; polypgen is not available yet)")
+                        help="difficulty mode (default: lits; polypgen: smallest detected lesion decides small)")
     parser.add_argument("--base", type=float, default=None,
-                        help="logarithm base l (default: the mode's paper value, 1000 for lits)")
+                        help="logarithm base l (default: the mode's paper value, 1000 for lits, 100 for polypgen)")
     parser.add_argument("--tau", type=float, default=None,
-                        help="small-lesion threshold on a_inv (default: the mode's paper value, 1000 for lits)")
+                        help="small-lesion threshold on the inverse area (default: the mode's paper value, 1000 for "
+                             "lits, 150 for polypgen)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of a table")
     parser.add_argument("--batch", action="store_true",
                         help="treat all masks as one training batch and also print eta = 1 + 2/N * sum(delta)")
@@ -50,9 +58,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from fedseg import difficulty as dif
 
     out = sys.stdout if out is None else out
-    if args.mode not in _AVAILABLE_MODES:
-        raise ConfigError(f"--mode {args.mode} is not available yet (PolypGen blob-based difficulty comes in a "
-                          f"later release); use --mode {' / '.join(_AVAILABLE_MODES)}")
     default_base, default_tau = dif.mode_defaults(args.mode)
     base = default_base if args.base is None else args.base
     tau = default_tau if args.tau is None else args.tau
@@ -97,7 +102,9 @@ def _print_table(results: list[tuple[str, Any]], mode: str, base: float, tau: fl
         for path, d in results
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"mode {mode}  base {base:g}  tau {tau:g}  (small: inverse_area >= tau; delta = tanh((log_base a)^2) if small)",
+    rule = ("inverse_area >= tau" if mode == "lits"
+            else "H*W / area of the smallest detected lesion >= tau")
+    print(f"mode {mode}  base {base:g}  tau {tau:g}  (small: {rule}; delta = tanh((log_base a)^2) if small)",
           file=out)
     for row in [header, *rows]:
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
