@@ -25,13 +25,6 @@ from fedseg.errors import ConfigError, DataError
 P64 = PolypGenPreprocessing(image_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _standin_difficulty(monkeypatch):  # TEMPORARY: until fedseg.difficulty.polypgen_difficulty lands
-    from _polypgen_standin import install
-
-    install(monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def tiny_master(tmp_path_factory):
     return synth_polypgen(tmp_path_factory.mktemp("pg") / "polypgen", preset="tiny", seed=0, progress=False)

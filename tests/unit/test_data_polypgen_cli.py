@@ -6,17 +6,9 @@ import json
 
 import pytest
 
-from fedseg import difficulty as dif
 from fedseg.cli import main
 from fedseg.data.config import DataSource
 from fedseg.data.polypgen import PolypGenPreprocessing, load_polypgen_site, load_polypgen_test_centre
-
-
-@pytest.fixture(autouse=True)
-def _standin_difficulty(monkeypatch):  # TEMPORARY: until fedseg.difficulty.polypgen_difficulty lands
-    from _polypgen_standin import install
-
-    install(monkeypatch)
 
 
 @pytest.fixture

@@ -18,13 +18,6 @@ from fedseg.errors import ConfigError
 SMALL_KINDS = ("small", "attached", "large+small")
 
 
-@pytest.fixture(autouse=True)
-def _standin_difficulty(monkeypatch):  # TEMPORARY: until fedseg.difficulty.polypgen_difficulty lands
-    from _polypgen_standin import install
-
-    install(monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     t0 = time.perf_counter()
@@ -147,6 +140,17 @@ def test_rendered_polyps_follow_the_plan(quick_small):
     assert attached >= 6
     for centre, flags in small_by_rule.items():
         assert 0 < np.mean(flags) < 0.5, (centre, np.mean(flags))  # small frames are a minority in every centre
+
+
+def test_fedgs_rule_recovers_the_planned_kinds_on_tiny(tiny):
+    """The generator's intent and fedseg.difficulty's blob-based rule agree frame by frame: frames with a small
+    polyp (isolated, attached to a large one, or next to one) are small, the others are not."""
+    kinds: dict[str, list[bool]] = {}
+    for f in _meta(tiny)["frames"]:
+        d = dif.polypgen_difficulty(read_polypgen_mask(tiny / f["mask"]))
+        assert d.small == (f["kind"] in SMALL_KINDS), (f["stem"], f["kind"], d)
+        kinds.setdefault(f["kind"], []).append(d.small)
+    assert kinds["attached"] and all(kinds["attached"])
 
 
 def test_bad_preset_and_overrides(tmp_path):

@@ -163,7 +163,7 @@ def _plot_group(ax: Any, group: PolypScanGroup, bins: np.ndarray, tau: float) ->
     empty = int((~fin).sum())
     ax.set_title(f"{group.label} ({group.centre}): {s.size} frames, {frac} small"
                  + (f", {empty} without polyp" if empty else ""), fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
 
 
 def scan_polypgen(groups: list[PolypScanGroup], out_dir: Path, *, mask_threshold: int = 127,
