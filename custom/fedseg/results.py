@@ -168,11 +168,14 @@ def write_results(
 
 
 def overlay_rgb(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Grey image with true positives green, false positives red, false negatives blue (values in [0, 1])."""
+    """The image (grey [H, W] or colour [3, H, W], contrast-stretched) with true positives green, false positives
+    red and false negatives blue; values in [0, 1]."""
     img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:  # channels first -> channels last
+        img = np.moveaxis(img, 0, -1)
     lo, hi = float(img.min()), float(img.max())
-    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    rgb = np.repeat(grey[..., None], 3, axis=-1) * 0.8
+    norm = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    rgb = (np.repeat(norm[..., None], 3, axis=-1) if norm.ndim == 2 else norm[..., :3]) * 0.8
     t, p = np.asarray(truth) > 0, np.asarray(pred) > 0
     rgb[t & p] = (0.1, 0.85, 0.1)
     rgb[~t & p] = (0.9, 0.1, 0.1)

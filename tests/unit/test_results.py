@@ -35,3 +35,19 @@ def test_write_results_writes_every_artifact(tmp_path):
     assert data["test_centre_untrained"]["dice"] == 0.01
     assert "untrained model 0.0100 -> trained 0.7000" in paths["table"].read_text()
     assert paths["curves"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overlay_colours_for_grey_and_colour_images():
+    import numpy as np
+
+    from fedseg.results import overlay_rgb
+
+    truth = np.array([[1, 1], [0, 0]])
+    pred = np.array([[1, 0], [1, 0]])
+    for image in (np.zeros((2, 2)), np.zeros((3, 2, 2))):
+        rgb = overlay_rgb(image, truth, pred)
+        assert rgb.shape == (2, 2, 3)
+        assert tuple(rgb[0, 0]) == (0.1, 0.85, 0.1)  # true positive
+        assert tuple(rgb[0, 1]) == (0.15, 0.35, 1.0)  # false negative
+        assert tuple(rgb[1, 0]) == (0.9, 0.1, 0.1)  # false positive
+        assert tuple(rgb[1, 1]) == (0.0, 0.0, 0.0)

@@ -215,7 +215,6 @@ def plot_qualitative(runs: List[RunResult], out_png: Path, n_images: int = 4) ->
     for d, idx, data, preds in panels:
         for j, i in enumerate(idx):
             img = np.asarray(data.images[i], np.float32)
-            img = img.mean(axis=0) if img.ndim == 3 else img
             win = lesion_window(np.asarray(data.masks[i]))
             for c in range(n_cols):
                 ax = axes[row, c]
