@@ -3,7 +3,9 @@
 ``get_model("utnet", in_channels, num_classes, **kwargs)`` builds :class:`fedseg.models.utnet.UTNet` (kwargs are
 UTNet's: ``base_chan``, ``reduce_size``, ``block_list``, ``num_blocks``, ``num_heads``, ``attn_drop``, ``proj_drop``,
 ``projection``, ``rel_pos``, ``maxpool``, ``bottleneck``, ``weight_init``); ``get_model("unet", ...)`` builds a light
-MONAI ``BasicUNet`` (:func:`fedseg.models.unet.build_unet`). Every model returns logits ``[N, num_classes, H, W]``.
+MONAI ``BasicUNet`` (:func:`fedseg.models.unet.build_unet`); ``get_model("sd_utnet", ...)`` builds
+:class:`fedseg.models.sd_utnet.SDUTNet` (SDNet with a UTNet anatomy encoder; kwargs are its constructor's, UTNet's
+included, and it has its own ``training_loss(x, y)``). Every model returns logits ``[N, num_classes, H, W]``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def _build_utnet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module
     return UTNet(in_chan=in_channels, num_classes=num_classes, **kwargs)
 
 
+def _build_sd_utnet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from fedseg.models.sd_utnet import SDUTNet
+
+    _check_kwargs("sd_utnet", SDUTNet.__init__, kwargs, reserved=("in_chan", "num_classes"))
+    return SDUTNet(in_chan=in_channels, num_classes=num_classes, **kwargs)
+
+
 def _build_unet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -41,6 +50,7 @@ def _build_unet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "utnet": _build_utnet,
     "unet": _build_unet,
+    "sd_utnet": _build_sd_utnet,
 }
 
 
