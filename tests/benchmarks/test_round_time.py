@@ -29,22 +29,27 @@ DATA_ARGS = {"image_size": 128, "min_tumour_pixels": 12}
 MODEL_ARGS = {"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0}
 
 
-def test_fedgs_vs_fedavg_local_round_time():
-    from fedseg.data.config import resolve_data_source
-    from fedseg.data.lits import LiTSPreprocessing, load_lits_site
-    from fedseg.models import get_model
+@pytest.mark.parametrize("dataset, site, data_args", [
+    ("lits", "site-4", DATA_ARGS),
+    ("polypgen", "site-1", {"image_size": 128, "fold": 0}),
+])
+def test_fedgs_vs_fedavg_local_round_time(dataset, site, data_args):
     from fedseg.algorithms.fedgs import FedGSAccumulator
+    from fedseg.models import get_model
+    from fedseg.sitedata import augmenter, in_channels, load_site_data
     from fedseg.training import LocalTrainer, TrainConfig
 
     torch.set_num_threads(2)
-    train = load_lits_site(resolve_data_source("lits", "site-4"), "site-4", "train", LiTSPreprocessing(**DATA_ARGS))
+    train, _ = load_site_data(dataset, site, "train", data_args)
+    channels = in_channels(dataset)
     torch.manual_seed(0)
-    init = get_model("utnet", **MODEL_ARGS).state_dict()
+    init = get_model("utnet", in_channels=channels, **MODEL_ARGS).state_dict()
     trainers = {}
     for agg in ("fedavg", "fedgs"):
         torch.manual_seed(0)
         cfg = TrainConfig(lr=1e-3, batch_size=4, local_epochs=1, aggregation=agg, device="cpu", seed=1)
-        trainers[agg] = LocalTrainer(get_model("utnet", **MODEL_ARGS), train, cfg)
+        trainers[agg] = LocalTrainer(get_model("utnet", in_channels=channels, **MODEL_ARGS), train, cfg,
+                                     augment_fn=augmenter(dataset))
     times = {"fedavg": [], "fedgs": []}
     etas = []
     trainers["fedavg"].train_round(init)  # warm-up
@@ -58,7 +63,7 @@ def test_fedgs_vs_fedavg_local_round_time():
             if agg == "fedgs":
                 etas.append(res.metrics["scaled_step_fraction"])
     a, g = statistics.median(times["fedavg"]), statistics.median(times["fedgs"])
-    print(f"\n[benchmark] local round ({len(train.delta)} slices, {res.steps} steps, UTNet base 8, 128x128, 2 threads), "
+    print(f"\n[benchmark] {dataset} local round ({len(train.delta)} images, {res.steps} steps, UTNet base 8, 128x128, 2 threads), "
           f"median of 10 interleaved rounds: FedAvg {a:.3f} s, FedGS {g:.3f} s, FedGS/FedAvg = {g / a:.4f} "
           f"(overhead {100 * (g / a - 1):+.2f}%); steps with eta != 1: {100 * np.mean(etas):.0f}%")
     # The whole-round ratio is within this machine's run-to-run noise (a few %), so also time the accumulator
