@@ -95,3 +95,11 @@ def test_job_variants_by_model_and_settings(tmp_path):
     args = _client_args(tmp_path / "fedgs_polypgen")
     assert args["data_args"]["fold"] == 3
     assert main(["jobs", "export", "fedgs_polypgen", "--set", "num_rounds=2"]) == 2  # never over jobs/
+
+
+def test_sd_utnet_paper_variant_is_the_fedgs_reference_network():
+    from fedseg.models import count_parameters, get_model
+
+    job = JOBS["fedgs_polypgen_paper"].with_model("sd_utnet")
+    net = get_model(job.model, in_channels=job.in_channels, num_classes=job.num_classes, **job.model_args)
+    assert count_parameters(net) == 18_836_223  # FedGS's SD_UTNet(in_channels=3), counted on its code

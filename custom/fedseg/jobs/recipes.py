@@ -180,9 +180,14 @@ class SegJob:
 
 # ---------------------------------------------------------------------- the jobs
 # FedGS builds UTNet with the reference defaults except dropout, which it leaves at 0.
+# SD-UTNet as the FedGS code builds it: tanh anatomy (no rounding) and a modality encoder that sees the image only
+# (the class defaults are the original SDNet's softmax + rounding and image + anatomy; see fedseg/models/sd_utnet.py).
+_SD_FEDGS = {"anatomy_activation": "tanh", "modality_input": "image", "attn_drop": 0.0, "proj_drop": 0.0}
 MODEL_PRESETS: Dict[tuple, Dict[str, Any]] = {
     ("paper", "utnet"): {"base_chan": 32, "attn_drop": 0.0, "proj_drop": 0.0},
     ("quick", "utnet"): {"base_chan": 8, "attn_drop": 0.0, "proj_drop": 0.0},
+    ("paper", "sd_utnet"): {"base_chan": 32, **_SD_FEDGS},  # modality grid 32 = the reference's at 512x512
+    ("quick", "sd_utnet"): {"base_chan": 8, "modality_grid": 8, **_SD_FEDGS},  # grid = image_size / 16
 }
 
 # Paper settings (FedGS, section 3.3): AdamW lr 1e-4, batch 4, 5 local epochs a round, 60 rounds for LiTS,
