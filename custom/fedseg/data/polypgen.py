@@ -71,7 +71,7 @@ from fedseg.data.cache import (RowView, building_folder, cache_folder, files_fin
                                open_cache, write_json_atomic)
 from fedseg.data.config import DataSource, default_cache_dir, ensure_builtin_polypgen, file_lock
 from fedseg.data.dataset import CachedSegmentationDataset
-from fedseg.data.splits import centre_for_site
+from fedseg.data.splits import centre_for_site, parse_site_map
 from fedseg.difficulty import POLYPGEN_BASE, POLYPGEN_TAU
 from fedseg.errors import ConfigError, DataError
 
@@ -510,14 +510,7 @@ def _parse_split(data: Any, path: str) -> PolypGenSplit:
     if sites_raw is None:
         sites = _default_sites(centres, test_centre)
     else:
-        if not isinstance(sites_raw, dict) or not all(isinstance(v, str) for v in sites_raw.values()):
-            raise DataError(f"{path}: \"sites\" must map FLARE site names to centre names, e.g. "
-                            f'{{"site-1": "centre-1"}}')
-        for site, centre in sites_raw.items():
-            if centre not in centres:
-                raise DataError(f"{path}: sites[{site!r}] names centre {centre!r}, which is not in \"centres\" "
-                                f"({', '.join(centres)}); fix the site mapping")
-        sites = dict(sites_raw)
+        sites = parse_site_map(sites_raw, centres, path)
     return PolypGenSplit(n_folds=n_folds, centres=centres, sites=sites, test_centre=test_centre, source=path,
                          description=str(data.get("description", "") or ""))
 
