@@ -12,11 +12,8 @@ from fedseg.data.lits import LiTSPreprocessing, load_lits_site, load_lits_test_c
 
 
 @pytest.fixture
-def tiny(tmp_path, capsys):
-    root = tmp_path / "tiny"
-    assert main(["data", "synth", "lits", "--out", str(root), "--preset", "tiny", "--seed", "0"]) == 0
-    out, err = capsys.readouterr()
-    return root, out, err
+def tiny(synth_cli):
+    return synth_cli("lits")
 
 
 def test_synth_prints_path_progress_and_table(tiny):

@@ -164,14 +164,8 @@ def test_test_centre_and_empty_parts(tiny):
         load_lits_test_centre(_src(tiny, split="auto"), P3)
 
 
-def test_builtin_source_generates_data_once(tmp_path, monkeypatch):
-    calls = []
-
-    def tiny_builtin(progress=False):
-        calls.append(1)
-        return ensure_builtin_lits(progress, preset="tiny")
-
-    monkeypatch.setattr(lits_mod, "ensure_builtin_lits", tiny_builtin)
+def test_builtin_source_generates_data_once(tmp_path, tiny_builtin):
+    calls = tiny_builtin(lits_mod, ensure_builtin_lits)
     src = DataSource("lits", None, None, None, None, "built-in")
     ds = load_lits_site(src, "site-3", "train", P3)
     assert len(ds) > 0 and ds.centre == "centre-3"

@@ -186,14 +186,8 @@ def test_dataset_api(tiny):
     assert s["images"] == n and s["centre"] == "centre-1" and s["fold"] == 0
 
 
-def test_builtin_source_generates_data_once(tmp_path, monkeypatch):
-    calls = []
-
-    def tiny_builtin(progress=False):
-        calls.append(1)
-        return ensure_builtin_polypgen(progress, preset="tiny")
-
-    monkeypatch.setattr(pg, "ensure_builtin_polypgen", tiny_builtin)
+def test_builtin_source_generates_data_once(tmp_path, tiny_builtin):
+    calls = tiny_builtin(pg, ensure_builtin_polypgen)
     src = DataSource("polypgen", None, None, None, None, "built-in")
     ds = load_polypgen_site(src, "site-3", "val", P64)
     assert len(ds) > 0 and ds.centre == "centre-3"

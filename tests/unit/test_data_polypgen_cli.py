@@ -12,11 +12,8 @@ from fedseg.data.polypgen import PolypGenPreprocessing, load_polypgen_site, load
 
 
 @pytest.fixture
-def tiny(tmp_path, capsys):
-    root = tmp_path / "tiny"
-    assert main(["data", "synth", "polypgen", "--out", str(root), "--preset", "tiny", "--seed", "0"]) == 0
-    out, err = capsys.readouterr()
-    return root, out, err
+def tiny(synth_cli):
+    return synth_cli("polypgen")
 
 
 def test_synth_prints_path_progress_and_table(tiny):

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedseg.commands.jobs_cmd import parse_sets
 from fedseg.errors import CommandError
 
 KEYS = ("dice", "dice_s", "dice_l")
@@ -45,19 +46,6 @@ def summarize_folds(per_fold: dict) -> dict:
     return out
 
 
-def _parse_sets(items):
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise CommandError(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def run(args) -> int:
     from fedseg.jobs.recipes import JOBS, override
 
@@ -70,7 +58,7 @@ def run(args) -> int:
     try:
         if args.model:
             job = job.with_model(args.model)
-        job = override(job, _parse_sets(args.set))
+        job = override(job, parse_sets(args.set))
     except (ValueError, TypeError) as e:
         raise CommandError(str(e)) from e
     folds = [int(f) for f in args.folds.split(",")] if args.folds else list(range(args.n_folds))

@@ -19,9 +19,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from fedseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedseg.data.config import DataSource
 
 _PRESETS = ("quick", "tiny")
 
@@ -105,18 +108,11 @@ def run_synth(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
-def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    if args.dataset == "polypgen":
-        return _run_scan_polypgen(args, out)
-    if args.mask_threshold is not None:
-        raise ConfigError("--mask-threshold applies to polypgen only (LiTS labels are 0/1/2)")
+def _scan_sources(args: argparse.Namespace, dataset: str) -> Callable[[str], DataSource]:
+    """Site name -> data source of ``fedseg data scan``: ``--root`` (and ``--split``) for every site when given,
+    else the site's entry in the data configuration (``--data-config`` or ``$FEDSEG_DATA_CONFIG``)."""
     from fedseg.data.config import CONFIG_ENV, DataSource, resolve_data_source
-    from fedseg.data.lits import resolve_lits_split
-    from fedseg.data.scan import format_table, recommended_min_pixels, scan_centre, scan_lits
-    from fedseg.data.splits import PARTS, centre_for_site
-    from fedseg.difficulty import LITS_BASE, LITS_TAU
 
-    out = sys.stdout if out is None else out
     if args.split is not None and args.root is None:
         raise ConfigError("--split only applies with --root (a data configuration names its own split)")
     env: dict[str, str] = dict(os.environ)
@@ -127,9 +123,24 @@ def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     def source_for(site: str) -> DataSource:
         if args.root is not None:
-            return DataSource("lits", args.root, args.split, None, None, f"--root {args.root}")
-        return resolve_data_source(args.dataset, site, workspace_root=None, env=env)
+            return DataSource(dataset, args.root, args.split, None, None, f"--root {args.root}")
+        return resolve_data_source(dataset, site, workspace_root=None, env=env)
 
+    return source_for
+
+
+def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    if args.dataset == "polypgen":
+        return _run_scan_polypgen(args, out)
+    if args.mask_threshold is not None:
+        raise ConfigError("--mask-threshold applies to polypgen only (LiTS labels are 0/1/2)")
+    from fedseg.data.lits import resolve_lits_split
+    from fedseg.data.scan import format_table, recommended_min_pixels, scan_centre, scan_lits
+    from fedseg.data.splits import PARTS, centre_for_site
+    from fedseg.difficulty import LITS_BASE, LITS_TAU
+
+    out = sys.stdout if out is None else out
+    source_for = _scan_sources(args, "lits")
     base = LITS_BASE if args.base is None else args.base
     tau = LITS_TAU if args.tau is None else args.tau
     # the split of the first site (or of a site-less lookup) decides the default site list and test centre
@@ -197,7 +208,6 @@ def _run_synth_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> 
 
 
 def _run_scan_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from fedseg.data.config import CONFIG_ENV, DataSource, resolve_data_source
     from fedseg.data.polypgen import PolypGenPreprocessing, require_centre, centre_number, resolve_polypgen
     from fedseg.data.scan_polypgen import format_polypgen_table, scan_polypgen, scan_polypgen_group
     from fedseg.data.splits import centre_for_site
@@ -206,19 +216,7 @@ def _run_scan_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> i
     out = sys.stdout if out is None else out
     if args.min_tumour_pixels is not None:
         raise ConfigError("--min-tumour-pixels applies to lits only (PolypGen frames are all kept)")
-    if args.split is not None and args.root is None:
-        raise ConfigError("--split only applies with --root (a data configuration names its own split)")
-    env: dict[str, str] = dict(os.environ)
-    if args.data_config is not None:
-        if not args.data_config.is_file():
-            raise ConfigError(f"--data-config {args.data_config}: file does not exist")
-        env[CONFIG_ENV] = str(args.data_config.resolve())
-
-    def source_for(site: str) -> DataSource:
-        if args.root is not None:
-            return DataSource("polypgen", args.root, args.split, None, None, f"--root {args.root}")
-        return resolve_data_source("polypgen", site, workspace_root=None, env=env)
-
+    source_for = _scan_sources(args, "polypgen")
     prep = PolypGenPreprocessing(n_folds=args.n_folds,
                                  mask_threshold=127 if args.mask_threshold is None else args.mask_threshold,
                                  base=POLYPGEN_BASE if args.base is None else args.base,

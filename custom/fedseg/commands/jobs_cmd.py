@@ -15,6 +15,22 @@ def _default_jobs_dir() -> Path:
     return Path.cwd() / "jobs"
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` options -> {KEY: VALUE}; VALUE is parsed as JSON, else kept as a bare string."""
+    from fedseg.errors import CommandError
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CommandError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw  # a bare string such as sd_utnet
+    return out
+
+
 def register(subparsers):
     p = subparsers.add_parser("jobs", help="list or export the FLARE job folders (jobs/) from their Python recipes")
     sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
@@ -66,15 +82,7 @@ def run_export(args) -> int:
             return 1
         print(f"job folders in {out} match their recipes")
         return 0
-    assignments = {}
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise CommandError(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            assignments[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            assignments[key.strip()] = raw  # a bare string such as sd_utnet
+    assignments = parse_sets(args.set)
     for name in args.names or list(JOBS):
         job = JOBS[name]
         try:

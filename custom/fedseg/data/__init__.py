@@ -12,6 +12,7 @@
 * :mod:`fedseg.data.synthetic_polypgen` -- writer of synthetic PolypGen-format frames and masks (six centres).
 * :mod:`fedseg.data.scan_polypgen` -- PolypGen small-polyp histograms (``fedseg data scan polypgen``).
 * :mod:`fedseg.data.cache` -- the on-disk cache protocol shared by the readers (locks, fingerprints, row views).
+* :mod:`fedseg.data.dataset` -- the torch Dataset base class of the LiTS and PolypGen datasets (sample access).
 
-Submodules are imported on demand (torch is only needed by ``lits``, ``polypgen`` and ``transforms``).
+Submodules are imported on demand (torch is only needed by ``lits``, ``polypgen``, ``dataset`` and ``transforms``).
 """

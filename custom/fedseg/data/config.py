@@ -38,7 +38,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,21 +318,12 @@ def _ensure_builtin(dataset: str, version: int, generate: Any, progress: bool, p
     with file_lock(parent / f".{root.name}.lock"):
         if _builtin_marker_ok(root, expected):  # another process finished while we waited
             return root
-        tmp = parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
+        from fedseg.data.cache import building_folder  # cache imports this module
+
+        with building_folder(root) as tmp:  # temporary sibling, renamed onto root once complete
             generate(tmp, preset=preset, seed=seed, progress=progress)
             marker = dict(expected, generation_id=uuid.uuid4().hex, pid=os.getpid())
             (tmp / _BUILTIN_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-            old = None
-            if root.exists():
-                old = parent / f".{root.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(root, old)
-            os.rename(tmp, root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

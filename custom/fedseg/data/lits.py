@@ -43,6 +43,7 @@ import torch
 from fedseg.data.cache import (building_folder, cache_folder, files_fingerprint, load_or_build, open_cache,
                                write_json_atomic)
 from fedseg.data.config import DataSource, default_cache_dir, ensure_builtin_lits
+from fedseg.data.dataset import CachedSegmentationDataset
 from fedseg.data.splits import PARTS, Split, centre_for_site, load_split
 from fedseg.difficulty import LITS_BASE, LITS_TAU, lits_difficulty_from_counts
 from fedseg.errors import ConfigError, DataError
@@ -276,12 +277,14 @@ def _resize(images: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarra
 
 
 # ------------------------------------------------------------------------------------------ dataset
-class LiTSSliceDataset(torch.utils.data.Dataset):
+class LiTSSliceDataset(CachedSegmentationDataset):
     """2-D LiTS tumour slices of one site part (or the test centre), backed by the on-disk cache.
 
     Attributes: ``images`` [N, S, S] float16 (memmap, already scaled), ``masks`` [N, S, S] uint8 {0, 1},
     ``manifest`` (one dict per sample), ``delta`` float32 [N], ``small`` bool [N], ``nonempty`` bool [N]
     (the resized mask has a tumour pixel), ``site``, ``centre``, ``part``, ``cache_path``, ``prep``.
+    Samples and :meth:`tensors` carry one image channel ([1, S, S]); see
+    :class:`~fedseg.data.dataset.CachedSegmentationDataset`.
     """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, manifest: list[dict[str, Any]], *,
@@ -290,36 +293,8 @@ class LiTSSliceDataset(torch.utils.data.Dataset):
         if images.shape != masks.shape or images.ndim != 3 or len(manifest) != images.shape[0]:
             raise DataError(f"LiTS cache {cache_path}: images {images.shape}, masks {masks.shape} and "
                             f"{len(manifest)} manifest records disagree; delete the cache folder to rebuild it")
-        self.images = images
-        self.masks = masks
-        self.manifest = manifest
-        self.site = site
-        self.centre = centre
-        self.part = part
-        self.prep = prep
-        self.cache_path = cache_path
-        self.origin = origin
-        self.delta = np.array([r["delta"] for r in manifest], dtype=np.float32)
-        self.small = np.array([r["small"] for r in manifest], dtype=bool)
-        self.nonempty = np.array([r["mask_pixels"] > 0 for r in manifest], dtype=bool)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        image = torch.from_numpy(np.asarray(self.images[i], dtype=np.float32))[None]
-        mask = torch.from_numpy(np.asarray(self.masks[i], dtype=np.float32))[None]
-        return {"image": image, "mask": mask, "delta": torch.tensor(self.delta[i], dtype=torch.float32),
-                "small": torch.tensor(bool(self.small[i])), "index": i}
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All samples at once: images [N,1,S,S] float32, masks [N,1,S,S] float32, delta [N], small [N]."""
-        images = torch.from_numpy(np.asarray(self.images, dtype=np.float32))[:, None]
-        masks = torch.from_numpy(np.asarray(self.masks, dtype=np.float32))[:, None]
-        return images, masks, torch.from_numpy(self.delta.copy()), torch.from_numpy(self.small.copy())
+        super().__init__(images, masks, manifest, site=site, centre=centre, part=part, prep=prep,
+                         cache_path=cache_path, origin=origin)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)

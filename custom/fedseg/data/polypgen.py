@@ -66,12 +66,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedseg.data.cache import (RowView, building_folder, cache_folder, files_fingerprint, load_or_build,
                                open_cache, write_json_atomic)
 from fedseg.data.config import DataSource, default_cache_dir, ensure_builtin_polypgen, file_lock
-from fedseg.data.splits import centre_for_site
+from fedseg.data.dataset import CachedSegmentationDataset
+from fedseg.data.splits import centre_for_site, parse_site_map
 from fedseg.difficulty import POLYPGEN_BASE, POLYPGEN_TAU
 from fedseg.errors import ConfigError, DataError
 
@@ -510,14 +510,7 @@ def _parse_split(data: Any, path: str) -> PolypGenSplit:
     if sites_raw is None:
         sites = _default_sites(centres, test_centre)
     else:
-        if not isinstance(sites_raw, dict) or not all(isinstance(v, str) for v in sites_raw.values()):
-            raise DataError(f"{path}: \"sites\" must map FLARE site names to centre names, e.g. "
-                            f'{{"site-1": "centre-1"}}')
-        for site, centre in sites_raw.items():
-            if centre not in centres:
-                raise DataError(f"{path}: sites[{site!r}] names centre {centre!r}, which is not in \"centres\" "
-                                f"({', '.join(centres)}); fix the site mapping")
-        sites = dict(sites_raw)
+        sites = parse_site_map(sites_raw, centres, path)
     return PolypGenSplit(n_folds=n_folds, centres=centres, sites=sites, test_centre=test_centre, source=path,
                          description=str(data.get("description", "") or ""))
 
@@ -604,15 +597,18 @@ def load_polypgen_split(spec: str | Path | None, root: Path, on_disk: dict[int, 
 
 
 # ------------------------------------------------------------------------------------------ dataset
-class PolypGenDataset(torch.utils.data.Dataset):
+class PolypGenDataset(CachedSegmentationDataset):
     """PolypGen frames of one site part (or the test centre), a row view of the centre's on-disk cache.
 
     Attributes: ``images`` [N, 3, S, S] float16 (ImageNet-normalised; a :class:`~fedseg.data.cache.RowView` of
     the memmap), ``masks`` [N, S, S] uint8 {0, 1}, ``manifest`` (one dict per image: site, centre, split, fold,
     image, mask, height, width, lesion_pixels, inverse_area, small, delta, stem, mask_pixels), ``delta`` float32
     [N], ``small`` bool [N], ``nonempty`` bool [N] (the resized mask has a polyp pixel), ``site``, ``centre``,
-    ``part``, ``fold``, ``prep``, ``cache_path``.
+    ``part``, ``fold``, ``prep``, ``cache_path``. Samples and :meth:`tensors` keep the three image channels; see
+    :class:`~fedseg.data.dataset.CachedSegmentationDataset`.
     """
+
+    image_has_channels = True
 
     def __init__(self, images: Any, masks: Any, manifest: list[dict[str, Any]], *, site: str | None, centre: str,
                  part: str, fold: int | None, prep: PolypGenPreprocessing, cache_path: Path | None = None,
@@ -622,37 +618,9 @@ class PolypGenDataset(torch.utils.data.Dataset):
         if tuple(images.shape) != (n, 3, s, s) or tuple(masks.shape) != (n, s, s):
             raise DataError(f"PolypGen cache {cache_path}: images {tuple(images.shape)}, masks {tuple(masks.shape)} "
                             f"and {n} manifest records disagree; delete the cache folder to rebuild it")
-        self.images = images
-        self.masks = masks
-        self.manifest = manifest
-        self.site = site
-        self.centre = centre
-        self.part = part
         self.fold = fold
-        self.prep = prep
-        self.cache_path = cache_path
-        self.origin = origin
-        self.delta = np.array([r["delta"] for r in manifest], dtype=np.float32)
-        self.small = np.array([r["small"] for r in manifest], dtype=bool)
-        self.nonempty = np.array([r["mask_pixels"] > 0 for r in manifest], dtype=bool)
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        image = torch.from_numpy(np.asarray(self.images[i], dtype=np.float32))
-        mask = torch.from_numpy(np.asarray(self.masks[i], dtype=np.float32))[None]
-        return {"image": image, "mask": mask, "delta": torch.tensor(self.delta[i], dtype=torch.float32),
-                "small": torch.tensor(bool(self.small[i])), "index": i}
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All samples at once: images [N,3,S,S] float32, masks [N,1,S,S] float32, delta [N], small [N]."""
-        images = torch.from_numpy(np.asarray(self.images, dtype=np.float32))
-        masks = torch.from_numpy(np.asarray(self.masks, dtype=np.float32))[:, None]
-        return images, masks, torch.from_numpy(self.delta.copy()), torch.from_numpy(self.small.copy())
+        super().__init__(images, masks, manifest, site=site, centre=centre, part=part, prep=prep,
+                         cache_path=cache_path, origin=origin)
 
     def summary(self) -> dict[str, Any]:
         n = len(self)

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -112,41 +112,53 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec) if isinstance(x, float) else str(x)
 
 
-def format_table(summaries: list[dict[str, Any]]) -> str:
-    """Plain-text table: group, centre, volumes, slices per part, small count and fraction."""
-    header = ("group", "centre", "volumes", "slices", "train", "val", "test", "small", "small frac", "median a_inv")
-    rows = []
-    for s in summaries:
-        parts = s["parts"]
-        rows.append((s["group"], s["centre"], str(s["volumes"]), str(s["slices"]),
-                     *(str(parts[p]["slices"]) if p in parts else "-" for p in PARTS),
-                     str(s["small"]), _fmt(s["small_fraction"]),
-                     _fmt(s["inverse_area"]["median"], ".0f") if s["inverse_area"] else "-"))
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned plain-text table: header, dashes, rows (columns as wide as their longest cell)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+    def line(cells: Iterable[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# Inverse-area scan (FedGS small-lesion statistics)", "",
-             f"- min_tumour_pixels: {meta['min_tumour_pixels']}", f"- base l: {meta['base']:g}, tau: {meta['tau']:g} "
-             f"(a slice is small when H*W / tumour_pixels >= tau)", "",
-             "| group | centre | volumes | slices | train | val | test | small | small fraction | median a_inv |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        parts = s["parts"]
-        cells = [s["group"], s["centre"], s["volumes"], s["slices"],
-                 *(parts[p]["slices"] if p in parts else "-" for p in PARTS), s["small"], _fmt(s["small_fraction"]),
-                 _fmt(s["inverse_area"]["median"], ".0f") if s["inverse_area"] else "-"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+def _markdown_doc(preamble: list[str], header: Sequence[str], rows: Sequence[Sequence[Any]],
+                  summaries: list[dict[str, Any]]) -> str:
+    """``summary.md``: ``preamble`` lines, a Markdown table, then each group's histogram image."""
+    lines = [*preamble, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
     lines.append("")
     for s in summaries:
         lines.append(f"![{s['group']}](inverse_area_{_safe(s['group'])}.png)")
     return "\n".join(lines) + "\n"
 
 
-def _bins(groups: list[ScanGroup], tau: float) -> np.ndarray:
-    values = np.concatenate([np.asarray(g.inverse_area, dtype=np.float64) for g in groups] or [np.zeros(0)])
+_COLUMNS = ("group", "centre", "volumes", "slices", *PARTS, "small", "small fraction", "median a_inv")
+
+
+def _cells(s: dict[str, Any]) -> list[str]:
+    parts = s["parts"]
+    return [s["group"], s["centre"], str(s["volumes"]), str(s["slices"]),
+            *(str(parts[p]["slices"]) if p in parts else "-" for p in PARTS), str(s["small"]),
+            _fmt(s["small_fraction"]), _fmt(s["inverse_area"]["median"], ".0f") if s["inverse_area"] else "-"]
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """Plain-text table: group, centre, volumes, slices per part, small count and fraction."""
+    header = tuple("small frac" if c == "small fraction" else c for c in _COLUMNS)
+    return _text_table(header, [_cells(s) for s in summaries])
+
+
+def _markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    preamble = ["# Inverse-area scan (FedGS small-lesion statistics)", "",
+                f"- min_tumour_pixels: {meta['min_tumour_pixels']}", f"- base l: {meta['base']:g}, tau: "
+                f"{meta['tau']:g} (a slice is small when H*W / tumour_pixels >= tau)", ""]
+    return _markdown_doc(preamble, _COLUMNS, [_cells(s) for s in summaries], summaries)
+
+
+def _log_bins(arrays: Iterable[Iterable[float]], tau: float) -> np.ndarray:
+    """41 log-spaced histogram edges over the finite values of ``arrays``, always spanning [tau/2, 2*tau]."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64) for a in arrays] or [np.zeros(0)])
     values = values[np.isfinite(values)]
     lo = min(float(values.min()) if values.size else tau / 10, tau / 2)
     hi = max(float(values.max()) if values.size else tau * 10, tau * 2)
@@ -167,9 +179,14 @@ def _plot_group(ax, group: ScanGroup, bins: np.ndarray, tau: float) -> None:
     ax.legend(fontsize=8)
 
 
-def scan_lits(groups: list[ScanGroup], out_dir: Path, *, min_tumour_pixels: int, base: float = LITS_BASE,
-              tau: float = LITS_TAU) -> dict[str, Any]:
-    """Write the histograms and summaries of ``groups`` into ``out_dir``; return the summary object."""
+def _write_scan(groups: Sequence[Any], out_dir: Path, *, plot_group: Callable[[Any, Any, np.ndarray, float], None],
+                bins: np.ndarray, tau: float, meta: dict[str, Any],
+                markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> dict[str, Any]:
+    """Plot each group (``plot_group``) and all side by side, write ``summary.json``/``.md``; return the summary.
+
+    Shared by :func:`scan_lits` and :func:`fedseg.data.scan_polypgen.scan_polypgen`: ``groups`` have ``label``
+    and ``summary()``; the result is ``meta`` plus ``groups`` (the summaries) and ``files`` (written names).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -177,11 +194,10 @@ def scan_lits(groups: list[ScanGroup], out_dir: Path, *, min_tumour_pixels: int,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bins = _bins(groups, tau)
     files = []
     for g in groups:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        _plot_group(ax, g, bins, tau)
+        plot_group(ax, g, bins, tau)
         fig.tight_layout()
         path = out_dir / f"inverse_area_{_safe(g.label)}.png"
         fig.savefig(path, dpi=110)
@@ -192,7 +208,7 @@ def scan_lits(groups: list[ScanGroup], out_dir: Path, *, min_tumour_pixels: int,
         rows = math.ceil(len(groups) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
         for ax, g in zip(axes.ravel(), groups):
-            _plot_group(ax, g, bins, tau)
+            plot_group(ax, g, bins, tau)
         for ax in axes.ravel()[len(groups):]:
             ax.axis("off")
         fig.tight_layout()
@@ -200,8 +216,15 @@ def scan_lits(groups: list[ScanGroup], out_dir: Path, *, min_tumour_pixels: int,
         plt.close(fig)
         files.append("inverse_area_all.png")
     summaries = [g.summary() for g in groups]
-    meta = {"min_tumour_pixels": int(min_tumour_pixels), "base": float(base), "tau": float(tau)}
-    result = {**meta, "groups": summaries, "files": files + ["summary.json", "summary.md"]}
+    result = {**meta, "groups": summaries, "files": [*files, "summary.json", "summary.md"]}
     (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(_markdown(summaries, meta), encoding="utf-8")
+    (out_dir / "summary.md").write_text(markdown(summaries, meta), encoding="utf-8")
     return result
+
+
+def scan_lits(groups: list[ScanGroup], out_dir: Path, *, min_tumour_pixels: int, base: float = LITS_BASE,
+              tau: float = LITS_TAU) -> dict[str, Any]:
+    """Write the histograms and summaries of ``groups`` into ``out_dir``; return the summary object."""
+    meta = {"min_tumour_pixels": int(min_tumour_pixels), "base": float(base), "tau": float(tau)}
+    bins = _log_bins([g.inverse_area for g in groups], tau)
+    return _write_scan(groups, out_dir, plot_group=_plot_group, bins=bins, tau=tau, meta=meta, markdown=_markdown)

@@ -14,9 +14,6 @@ Outputs of :func:`scan_polypgen` in ``out_dir``: ``inverse_area_<group>.png`` pe
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.data.scan import _fmt, _log_bins, _markdown_doc, _text_table, _write_scan
 from fedseg.difficulty import POLYPGEN_BASE, POLYPGEN_TAU
 
 __all__ = ["PolypScanGroup", "scan_polypgen_group", "scan_polypgen", "format_polypgen_table"]
@@ -91,61 +89,32 @@ def scan_polypgen_group(label: str, root: Path, centre: str, pairs: Iterable[tup
     return group
 
 
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-
-
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    if x is None:
-        return "-"
-    return format(x, spec) if isinstance(x, float) else str(x)
-
-
 def _fold_sizes(s: dict[str, Any]) -> str:
     return "/".join(str(v["images"]) for _, v in sorted(s["folds"].items(), key=lambda kv: int(kv[0]))) or "-"
 
 
+_COLUMNS = ("group", "centre", "images", "folds", "empty", "small", "small fraction", "median a_inv",
+            "median small-a_inv")
+
+
+def _cells(s: dict[str, Any]) -> list[str]:
+    return [s["group"], s["centre"], str(s["images"]), _fold_sizes(s), str(s["empty"]), str(s["small"]),
+            _fmt(s["small_fraction"]), _fmt(s["inverse_area"]["median"], ".1f") if s["inverse_area"] else "-",
+            _fmt(s["small_inverse_area"]["median"], ".1f") if s["small_inverse_area"] else "-"]
+
+
 def format_polypgen_table(summaries: list[dict[str, Any]]) -> str:
     """Plain-text table: group, centre, images, fold sizes, empty, small count and fraction, medians."""
-    header = ("group", "centre", "images", "folds", "empty", "small", "small frac", "median a_inv",
-              "median small-a_inv")
-    rows = [(s["group"], s["centre"], str(s["images"]), _fold_sizes(s), str(s["empty"]), str(s["small"]),
-             _fmt(s["small_fraction"]),
-             _fmt(s["inverse_area"]["median"], ".1f") if s["inverse_area"] else "-",
-             _fmt(s["small_inverse_area"]["median"], ".1f") if s["small_inverse_area"] else "-")
-            for s in summaries]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Iterable[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    header = tuple("small frac" if c == "small fraction" else c for c in _COLUMNS)
+    return _text_table(header, [_cells(s) for s in summaries])
 
 
 def _markdown(summaries: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["# PolypGen inverse-area scan (FedGS small-polyp statistics)", "",
-             f"- mask threshold: gray > {meta['mask_threshold']}",
-             f"- base l: {meta['base']:g}, tau: {meta['tau']:g} (a frame is small when H*W / area of its smallest "
-             f"detected polyp >= tau; delta uses the whole-mask inverse area)", "",
-             "| group | centre | images | folds | empty | small | small fraction | median a_inv | median small-a_inv |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        cells = [s["group"], s["centre"], s["images"], _fold_sizes(s), s["empty"], s["small"],
-                 _fmt(s["small_fraction"]), _fmt(s["inverse_area"]["median"], ".1f") if s["inverse_area"] else "-",
-                 _fmt(s["small_inverse_area"]["median"], ".1f") if s["small_inverse_area"] else "-"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines.append("")
-    for s in summaries:
-        lines.append(f"![{s['group']}](inverse_area_{_safe(s['group'])}.png)")
-    return "\n".join(lines) + "\n"
-
-
-def _bins(groups: list[PolypScanGroup], tau: float) -> np.ndarray:
-    values = np.concatenate([np.asarray(g.small_inverse_area, dtype=np.float64) for g in groups] or [np.zeros(0)])
-    values = values[np.isfinite(values)]
-    lo = min(float(values.min()) if values.size else tau / 10, tau / 2)
-    hi = max(float(values.max()) if values.size else tau * 10, tau * 2)
-    return np.logspace(math.log10(lo) - 0.02, math.log10(hi) + 0.02, 41)
+    preamble = ["# PolypGen inverse-area scan (FedGS small-polyp statistics)", "",
+                f"- mask threshold: gray > {meta['mask_threshold']}",
+                f"- base l: {meta['base']:g}, tau: {meta['tau']:g} (a frame is small when H*W / area of its smallest "
+                f"detected polyp >= tau; delta uses the whole-mask inverse area)", ""]
+    return _markdown_doc(preamble, _COLUMNS, [_cells(s) for s in summaries], summaries)
 
 
 def _plot_group(ax: Any, group: PolypScanGroup, bins: np.ndarray, tau: float) -> None:
@@ -169,38 +138,6 @@ def _plot_group(ax: Any, group: PolypScanGroup, bins: np.ndarray, tau: float) ->
 def scan_polypgen(groups: list[PolypScanGroup], out_dir: Path, *, mask_threshold: int = 127,
                   base: float = POLYPGEN_BASE, tau: float = POLYPGEN_TAU) -> dict[str, Any]:
     """Write the histograms and summaries of ``groups`` into ``out_dir``; return the summary object."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bins = _bins(groups, tau)
-    files = []
-    for g in groups:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        _plot_group(ax, g, bins, tau)
-        fig.tight_layout()
-        path = out_dir / f"inverse_area_{_safe(g.label)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path.name)
-    if groups:
-        cols = min(3, len(groups))
-        rows = math.ceil(len(groups) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
-        for ax, g in zip(axes.ravel(), groups):
-            _plot_group(ax, g, bins, tau)
-        for ax in axes.ravel()[len(groups):]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out_dir / "inverse_area_all.png", dpi=100)
-        plt.close(fig)
-        files.append("inverse_area_all.png")
-    summaries = [g.summary() for g in groups]
     meta = {"dataset": "polypgen", "mask_threshold": int(mask_threshold), "base": float(base), "tau": float(tau)}
-    result = {**meta, "groups": summaries, "files": [*files, "summary.json", "summary.md"]}
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (out_dir / "summary.md").write_text(_markdown(summaries, meta), encoding="utf-8")
-    return result
+    bins = _log_bins([g.small_inverse_area for g in groups], tau)
+    return _write_scan(groups, out_dir, plot_group=_plot_group, bins=bins, tau=tau, meta=meta, markdown=_markdown)

@@ -35,7 +35,7 @@ import numpy as np
 from fedseg.errors import DataError
 
 __all__ = ["PARTS", "AUTO_CENTRE", "AUTO_VAL_FRACTION", "AUTO_SEED", "Split", "load_split", "centre_for_site",
-           "paper_split_path", "split_to_json", "automatic_split"]
+           "paper_split_path", "split_to_json", "automatic_split", "parse_site_map"]
 
 PARTS = ("train", "val", "test")
 AUTO_CENTRE = "local"
@@ -60,6 +60,22 @@ class Split:
 
     def ids(self, centre: str, part: str) -> list[int]:
         return list(self.centres[centre][part])
+
+
+def parse_site_map(sites: Any, centres: Iterable[str], path: str) -> dict[str, str]:
+    """The ``"sites"`` object of a split file (FLARE site name -> centre name), checked against ``centres``.
+
+    DataError (naming ``path``) when it is not a str -> str object or names a centre that is not in ``centres``.
+    """
+    centres = list(centres)
+    if not isinstance(sites, dict) or not all(isinstance(v, str) for v in sites.values()):
+        raise DataError(f"{path}: \"sites\" must map FLARE site names to centre names, e.g. "
+                        f'{{"site-1": "centre-1"}}')
+    for site, centre in sites.items():
+        if centre not in centres:
+            raise DataError(f"{path}: sites[{site!r}] names centre {centre!r}, which is not in \"centres\" "
+                            f"({', '.join(centres)}); fix the site mapping")
+    return dict(sites)
 
 
 def paper_split_path() -> Path:
@@ -124,19 +140,12 @@ def _parse_split(data: Any, path: str) -> Split:
         if bad:
             raise DataError(f"{path}: centres[{name!r}] has unknown part(s) {bad}; parts are {', '.join(PARTS)}")
         centres[str(name)] = {p: _parse_ids(parts.get(p, []), f"centres[{name!r}][{p!r}]", path) for p in PARTS}
-    sites_raw = data.get("sites", {})
-    if not isinstance(sites_raw, dict) or not all(isinstance(v, str) for v in sites_raw.values()):
-        raise DataError(f"{path}: \"sites\" must map FLARE site names to centre names, e.g. "
-                        f'{{"site-1": "centre-1"}}')
-    for site, centre in sites_raw.items():
-        if centre not in centres:
-            raise DataError(f"{path}: sites[{site!r}] names centre {centre!r}, which is not in \"centres\" "
-                            f"({', '.join(centres)}); fix the site mapping")
+    sites = parse_site_map(data.get("sites", {}), centres, path)
     test_centre = data.get("test_centre")
     if test_centre is not None and (not isinstance(test_centre, str) or test_centre not in centres):
         raise DataError(f"{path}: test_centre {test_centre!r} is not one of the centres ({', '.join(centres)})")
     description = data.get("description", "")
-    return Split(dataset=str(data.get("dataset", "lits")), centres=centres, sites=dict(sites_raw),
+    return Split(dataset=str(data.get("dataset", "lits")), centres=centres, sites=sites,
                  test_centre=test_centre, source=path, description=str(description or ""))
 
 

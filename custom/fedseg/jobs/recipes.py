@@ -205,6 +205,16 @@ LITS_PAPER = SegJob(
     lr=1e-4,
 )
 
+# What the quick (CPU demo) jobs change of their paper job besides data size and rounds.
+_QUICK_SCALE: Dict[str, Any] = dict(
+    model_args=MODEL_PRESETS[("quick", "utnet")],
+    scale="quick",
+    local_epochs=1,
+    lr=1e-3,
+    num_threads=1,
+    test_every_n_rounds=1,
+)
+
 # The quick job: the same code and data path at a CPU-laptop scale on built-in synthetic LiTS-format data
 # (256x256 native slices, so the minimum tumour size is 50 px at 512x512 scaled by 1/4).
 LITS_QUICK = replace(
@@ -213,13 +223,8 @@ LITS_QUICK = replace(
     description="FedGS on built-in synthetic LiTS-format data: a CPU demo (< 10 min on 2 cores) of the paper's "
     "pipeline at small scale (128x128 images, narrow UTNet, few rounds).",
     data_args={"image_size": 128, "min_tumour_pixels": 12},
-    model_args=MODEL_PRESETS[("quick", "utnet")],
-    scale="quick",
     num_rounds=15,
-    local_epochs=1,
-    lr=1e-3,
-    num_threads=1,
-    test_every_n_rounds=1,
+    **_QUICK_SCALE,
 )
 
 
@@ -242,13 +247,8 @@ POLYPGEN_QUICK = replace(
     description="FedGS on built-in synthetic PolypGen-format data: a CPU demo of the paper's PolypGen pipeline "
     "(5 sites, 128x128 images, narrow UTNet, few rounds, fold 0 of 5).",
     data_args={"image_size": 128, "fold": 0},
-    model_args=MODEL_PRESETS[("quick", "utnet")],
-    scale="quick",
     num_rounds=12,
-    local_epochs=1,
-    lr=1e-3,
-    num_threads=1,
-    test_every_n_rounds=1,
+    **_QUICK_SCALE,
 )
 
 
