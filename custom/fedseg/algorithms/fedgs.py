@@ -74,9 +74,10 @@ class FedGSAccumulator:
 
     def __init__(self, model: torch.nn.Module):
         self._names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
-        self._params = [p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+        # detached views share storage with the parameters, so they follow every in-place optimizer update
+        self._params = [p.detach() for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
         with torch.no_grad():
-            self._start = [p.detach().clone() for p in self._params]
+            self._start = [p.clone() for p in self._params]
         self._extra = None  # sum of (eta_t - 1) * Delta_t, allocated on the first step with eta != 1
         self._before = None
         self.steps = 0
@@ -93,25 +94,25 @@ class FedGSAccumulator:
         if scaled:
             with torch.no_grad():
                 if self._before is None:
-                    self._before = [p.detach().clone() for p in self._params]
-                else:
-                    torch._foreach_copy_(self._before, [p.detach() for p in self._params])
-        yield
-        with torch.no_grad():
-            if scaled:
-                if self._extra is None:
+                    self._before = [p.clone() for p in self._params]
                     self._extra = [torch.zeros_like(p) for p in self._params]
-                # extra += (eta - 1) * (w_before - w_after)
-                diff = torch._foreach_sub(self._before, [p.detach() for p in self._params])
-                torch._foreach_add_(self._extra, diff, alpha=eta - 1.0)
-                self.scaled_steps += 1
+                else:
+                    torch._foreach_copy_(self._before, self._params)
+        yield
+        if scaled:
+            with torch.no_grad():
+                # extra += (eta - 1) * (w_before - w_after), in place: three passes, no allocation.
+                # (w_before - w_after is exact in floating point for nearby values, so G keeps full precision.)
+                torch._foreach_sub_(self._before, self._params)
+                torch._foreach_add_(self._extra, self._before, alpha=eta - 1.0)
+            self.scaled_steps += 1
         self.steps += 1
         self.eta_sum += eta
 
     def result(self) -> Dict[str, torch.Tensor]:
         """G for every trainable float parameter (name -> tensor)."""
         with torch.no_grad():
-            total = torch._foreach_sub(self._start, [p.detach() for p in self._params])
+            total = torch._foreach_sub(self._start, self._params)
             if self._extra is not None:
                 torch._foreach_add_(total, self._extra)
         return dict(zip(self._names, total))
