@@ -19,3 +19,10 @@ for method in fedavg fedgs; do
 done
 fedseg report table1 "$WS"/lits_fedavg_utnet "$WS"/lits_fedgs_utnet \
   "$WS"/polypgen_fedavg_utnet "$WS"/polypgen_fedgs_utnet --out "$OUT"
+# keep the per-run summaries next to the table
+for method in fedavg fedgs; do
+  cp "$WS/polypgen_${method}_utnet/cv_summary.md" "$OUT/polypgen_${method}_utnet_cv.md"
+  cp "$WS/polypgen_${method}_utnet/cv_summary.json" "$OUT/polypgen_${method}_utnet_cv.json"
+  cp "$WS/lits_${method}_utnet/server/simulate_job/results/results.md" "$OUT/lits_${method}_utnet_results.md"
+  cp "$WS/lits_${method}_utnet/server/simulate_job/results/training_curves.png" "$OUT/lits_${method}_utnet_curves.png"
+done
