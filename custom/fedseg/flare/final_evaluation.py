@@ -79,8 +79,9 @@ class FinalEvaluation(Controller):
         keeper = engine.get_component(self.best_model_id) if self.best_model_id else None
         if keeper is None:
             return None
-        num_rounds = max(keeper.by_round) + 1 if keeper.by_round else 0
-        keeper.offer(num_rounds, self._site_metrics, weights, fl_ctx)  # the final model, validated just now
+        last_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)  # ScatterAndGather's last round (sticky)
+        final_round = int(last_round) + 1 if last_round is not None else (max(keeper.by_round) + 1 if keeper.by_round else 0)
+        keeper.offer(final_round, self._site_metrics, weights, fl_ctx)  # the final model, validated just now
         if keeper.best_round is None or not keeper.path or not os.path.exists(keeper.path):
             return None
         import shutil
