@@ -19,6 +19,11 @@ Round
 5. ``Initiator.finish(messages)`` decrypts, subtracts R and unpacks ``sum_k w_k * Delta_k`` (``sample_weights``:
    w_k = n_k / sum n). The mask is discarded after ``finish``: a round can be finished once.
 
+6. The relaying server checks every reply itself, under the round's public context only: ``validate_public_context``
+   (deserializes, holds no secret key) and ``validate_messages`` (header magic, round tag, layout digest, index/count,
+   each ciphertext deserializes with 4096 slots), so a bad hop is pinned on the site that returned it
+   (``fedseg.algorithms.ring`` drives a whole aggregation with re-runs).
+
 Wire message (one per ciphertext): ``b"CSAHE\\x01\\x00\\x00"`` | round tag (16 bytes: sha256 of the public context)
 | layout digest (16 bytes: sha256 of the PackSpec) | index (uint32 LE) | count (uint32 LE) | TenSEAL CKKSVector bytes.
 Measured: 131,265 bytes per message of 4096 values (48 of them header) = 32.05 bytes per slot; 32.8 bytes per
@@ -62,8 +67,8 @@ import hashlib
 import math
 import secrets
 import struct
+from collections.abc import Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, MutableSequence, Optional, Sequence, Tuple
 
 import numpy as np
 import tenseal as ts
@@ -71,25 +76,29 @@ import tenseal as ts
 from fedseg.errors import ConfigError, FedsegError, UpdateRejected
 
 __all__ = [
-    "POLY_MODULUS_DEGREE",
     "COEFF_MOD_BIT_SIZES",
+    "MAX_ABS_UPDATE",
+    "MAX_SIGMA",
+    "MIN_SIGMA",
+    "MIN_SITES",
+    "POLY_MODULUS_DEGREE",
     "SCALE_BITS",
     "SLOTS",
-    "MIN_SIGMA",
-    "MAX_SIGMA",
-    "MAX_ABS_UPDATE",
-    "MIN_SITES",
     "CSAHEError",
-    "PackSpec",
-    "RoundKeys",
     "Initiator",
+    "PackSpec",
     "RelayMessage",
-    "member_hop",
-    "sample_weights",
-    "ring_order",
-    "run_ring",
+    "RoundKeys",
     "error_bound",
+    "member_hop",
+    "message_header",
     "message_payload",
+    "ring_order",
+    "round_tag",
+    "run_ring",
+    "sample_weights",
+    "validate_messages",
+    "validate_public_context",
 ]
 
 POLY_MODULUS_DEGREE = 8192
@@ -135,10 +144,10 @@ def error_bound(k_sites: int, sigma: float, max_abs_value: float) -> float:
 class PackSpec:
     """Layout of an update (name -> float array) in the flat vector: names in order, shapes, dtypes, offsets."""
 
-    names: Tuple[str, ...]
-    shapes: Tuple[Tuple[int, ...], ...]
-    dtypes: Tuple[str, ...]
-    offsets: Tuple[int, ...]
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    offsets: tuple[int, ...]
 
     @property
     def size(self) -> int:
@@ -158,7 +167,7 @@ class PackSpec:
         return hashlib.sha256(text).digest()[:16]
 
     @classmethod
-    def from_update(cls, update: Mapping[str, np.ndarray]) -> "PackSpec":
+    def from_update(cls, update: Mapping[str, np.ndarray]) -> PackSpec:
         """Layout of ``update`` in sorted-name order. Only floating-point arrays are accepted."""
         if not update:
             raise UpdateRejected("CSAHE: the update is empty; pass the float parameters (name -> array) to aggregate")
@@ -194,7 +203,7 @@ class PackSpec:
             out[offset : offset + arr.size] = arr.reshape(-1)
         return out
 
-    def unpack(self, vector: np.ndarray) -> Dict[str, np.ndarray]:
+    def unpack(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         """Inverse of ``pack``: the dict with the original names, shapes and dtypes (padding ignored)."""
         vector = np.asarray(vector)
         if vector.ndim != 1 or vector.size < self.size:
@@ -225,7 +234,7 @@ def _check_weight(weight: float, site: str) -> None:
         raise UpdateRejected(f"CSAHE: site {site}'s weight {weight!r} must be a finite number in (0, 1] (see sample_weights)")
 
 
-def sample_weights(counts: Mapping[str, float]) -> Dict[str, float]:
+def sample_weights(counts: Mapping[str, float]) -> dict[str, float]:
     """w_k = n_k / sum n. Counts must be finite and positive (a site with no samples does not join the ring)."""
     if not counts:
         raise ConfigError("CSAHE: no sample counts given; pass {site: number of training samples}")
@@ -244,7 +253,7 @@ def sample_weights(counts: Mapping[str, float]) -> Dict[str, float]:
 # ring order, keys, messages
 
 
-def ring_order(sites: Sequence[str], rng: Optional[secrets.SystemRandom] = None) -> List[str]:
+def ring_order(sites: Sequence[str], rng: secrets.SystemRandom | None = None) -> list[str]:
     """Random ring: the first site is the initiator, chosen (as the whole order) by a cryptographic RNG."""
     sites = list(sites)
     if len(set(sites)) != len(sites):
@@ -308,7 +317,7 @@ class _PublicRound:
     def __init__(self, public_context: bytes, site: str) -> None:
         try:
             ctx = ts.context_from(bytes(public_context))
-        except Exception as exc:  # tenseal raises plain ValueError / RuntimeError on garbage
+        except (ValueError, RuntimeError, TypeError) as exc:  # tenseal's errors on garbage
             raise CSAHEError(f"CSAHE: site {site} received a public context that does not deserialize ({exc})") from None
         if ctx.is_private():
             raise CSAHEError(
@@ -328,10 +337,28 @@ def message_payload(message: bytes) -> bytes:
     return bytes(message[_HEADER.size :])
 
 
+def message_header(message: bytes) -> tuple[bytes, bytes, int, int]:
+    """(round tag, layout digest, index, count) of one wire message; ``CSAHEError`` when it is no ring message."""
+    if not isinstance(message, (bytes, bytearray, memoryview)):
+        raise CSAHEError(f"a ring message must be bytes, got {type(message).__name__}")
+    message = bytes(message)
+    if len(message) <= _HEADER.size:
+        raise CSAHEError(f"the message is truncated ({len(message)} bytes)")
+    magic, tag, layout, index, count = _HEADER.unpack_from(message)
+    if magic != _MAGIC:
+        raise CSAHEError("the message is not a CSAHE ring message (bad header)")
+    return tag, layout, int(index), int(count)
+
+
 def _decode_messages(
-    messages: Sequence[bytes], context: ts.Context, tag: bytes, spec: PackSpec, site: str, hop: str
-) -> List[ts.CKKSVector]:
-    expected = spec.n_ciphertexts
+    messages: Sequence[bytes], context: ts.Context, tag: bytes, layout: bytes | None, expected: int, site: str,
+    hop: str,
+) -> list[ts.CKKSVector]:
+    """Check every header (magic, round tag, layout, index/count) and deserialize each ciphertext under ``context``.
+
+    ``layout`` None accepts the layout of the first message (all messages must then agree)."""
+    if not isinstance(messages, (list, tuple)):
+        raise CSAHEError(f"CSAHE: {hop} at site {site}: expected a list of ciphertext messages, got {type(messages).__name__}")
     if len(messages) != expected:
         raise CSAHEError(
             f"CSAHE: {hop} at site {site}: got {len(messages)} ciphertexts, the round's layout needs {expected}; "
@@ -339,18 +366,18 @@ def _decode_messages(
         )
     vectors = []
     for i, msg in enumerate(messages):
-        msg = bytes(msg)
-        if len(msg) <= _HEADER.size:
-            raise CSAHEError(f"CSAHE: {hop} at site {site}: ciphertext {i} is truncated ({len(msg)} bytes)")
-        magic, msg_tag, layout, index, count = _HEADER.unpack_from(msg)
-        if magic != _MAGIC:
-            raise CSAHEError(f"CSAHE: {hop} at site {site}: ciphertext {i} is not a CSAHE ring message")
+        try:
+            msg_tag, msg_layout, index, count = message_header(msg)
+        except CSAHEError as exc:
+            raise CSAHEError(f"CSAHE: {hop} at site {site}: ciphertext {i}: {exc}") from None
         if msg_tag != tag:
             raise CSAHEError(
                 f"CSAHE: {hop} at site {site}: ciphertext {i} was made under another round's context (round tag "
                 f"{msg_tag.hex()[:12]} != {tag.hex()[:12]}); discard it and re-run the round"
             )
-        if layout != spec.digest():
+        if layout is None:
+            layout = msg_layout
+        if msg_layout != layout:
             raise CSAHEError(
                 f"CSAHE: {hop} at site {site}: ciphertext {i} uses another parameter layout than this site's update "
                 "(names/shapes/dtypes differ from the initiator's model)"
@@ -360,7 +387,7 @@ def _decode_messages(
         try:
             vec = ts.ckks_vector_from(context, message_payload(msg))
             size = vec.size()
-        except Exception as exc:
+        except (ValueError, RuntimeError, TypeError) as exc:  # tenseal's errors on garbage
             raise CSAHEError(
                 f"CSAHE: {hop} at site {site}: ciphertext {i} does not deserialize under the round's context ({exc})"
             ) from None
@@ -370,7 +397,53 @@ def _decode_messages(
     return vectors
 
 
-def _encrypt(context: ts.Context, vec: np.ndarray) -> List[ts.CKKSVector]:
+def validate_public_context(public_context: bytes, site: str = "?") -> ts.Context:
+    """The deserialized public context of a round; ``CSAHEError`` when it is garbage or holds a secret key.
+
+    The server calls it on what the initiator returns before relaying anything (a context holding a secret key is
+    never relayed: that attempt fails and the initiator is dropped)."""
+    if not isinstance(public_context, (bytes, bytearray, memoryview)):
+        raise CSAHEError(f"CSAHE: site {site} returned a public context of type {type(public_context).__name__}, not bytes")
+    return _PublicRound(bytes(public_context), site).context
+
+
+def validate_messages(
+    public_context: bytes | ts.Context,
+    messages: Sequence[bytes],
+    expected_count: int,
+    layout_digest: bytes | None = None,
+    round_tag: bytes | None = None,
+    site: str = "?",
+    hop: str = "reply",
+) -> bytes:
+    """Server-side check of a ring reply under the round's PUBLIC context; returns the messages' layout digest.
+
+    Checks every message's header magic, round tag (sha256 of the round's public context), layout digest (when
+    ``layout_digest`` is given; else all messages must agree), index/count against ``expected_count``, and that the
+    ciphertext deserializes under the public context with ``SLOTS`` values. ``CSAHEError`` names ``site`` and ``hop``.
+    ``public_context`` may be the bytes (the round tag is then their hash) or an already deserialized public context
+    together with ``round_tag``."""
+    if isinstance(public_context, ts.Context):
+        if round_tag is None:
+            raise ConfigError("validate_messages: pass round_tag with a deserialized context")
+        context, tag = public_context, round_tag
+    else:
+        context = validate_public_context(public_context, site)
+        tag = _round_tag(bytes(public_context))
+        if round_tag is not None and round_tag != tag:
+            raise CSAHEError(f"CSAHE: {hop} at site {site}: the public context is not this round's")
+    if isinstance(expected_count, bool) or not isinstance(expected_count, (int, np.integer)) or expected_count < 1:
+        raise ConfigError(f"validate_messages: expected_count must be a positive int, got {expected_count!r}")
+    _decode_messages(messages, context, tag, layout_digest, int(expected_count), site, hop)
+    return message_header(messages[0])[1]
+
+
+def round_tag(public_context: bytes) -> bytes:
+    """16-byte tag of a round: sha256 of its public context (every message of the round carries it)."""
+    return _round_tag(bytes(public_context))
+
+
+def _encrypt(context: ts.Context, vec: np.ndarray) -> list[ts.CKKSVector]:
     return [ts.ckks_vector(context, vec[i * SLOTS : (i + 1) * SLOTS]) for i in range(vec.size // SLOTS)]
 
 
@@ -387,13 +460,13 @@ class Initiator:
         self.spec = PackSpec.from_update(update)
         self._weighted = _checked_vector(self.spec, update, weight, site)
         self.keys = RoundKeys()
-        self._mask: Optional[np.ndarray] = None
+        self._mask: np.ndarray | None = None
         self._started = False
 
     def public_context_bytes(self) -> bytes:
         return self.keys.public_context_bytes()
 
-    def start(self) -> List[bytes]:
+    def start(self) -> list[bytes]:
         """Wire messages of Enc(w_I * Delta_I + R); R ~ N(0, sigma^2) from a CSPRNG-seeded generator, kept here."""
         if self._started:
             raise CSAHEError(f"CSAHE: initiator {self.site} already started this round; create a new Initiator per round")
@@ -405,11 +478,14 @@ class Initiator:
         tag, layout, count = self.keys.round_tag, self.spec.digest(), len(vectors)
         return [_encode_message(tag, layout, i, count, v.serialize()) for i, v in enumerate(vectors)]
 
-    def finish(self, messages: Sequence[bytes]) -> Dict[str, np.ndarray]:
+    def finish(self, messages: Sequence[bytes]) -> dict[str, np.ndarray]:
         """Decrypt the returned ring sum, remove R and unpack sum_k w_k * Delta_k."""
         if self._mask is None:
             raise CSAHEError(f"CSAHE: initiator {self.site} has no mask: call start() first; a round finishes once")
-        vectors = _decode_messages(messages, self.keys.context, self.keys.round_tag, self.spec, self.site, "final hop")
+        vectors = _decode_messages(
+            messages, self.keys.context, self.keys.round_tag, self.spec.digest(), self.spec.n_ciphertexts, self.site,
+            "final hop",
+        )
         total = np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]) - self._mask
         self._mask = None
         if not np.all(np.isfinite(total)):
@@ -423,13 +499,13 @@ def member_hop(
     messages: Sequence[bytes],
     update: Mapping[str, np.ndarray],
     weight: float,
-    hop: Optional[str] = None,
-) -> List[bytes]:
+    hop: str | None = None,
+) -> list[bytes]:
     """A ring member adds Enc(w_j * Delta_j) to the running sum it received and returns the new wire messages."""
     hop = hop or f"hop to {site}"
     round_ = _PublicRound(public_context, site)
     spec = PackSpec.from_update(update)
-    vectors = _decode_messages(messages, round_.context, round_.round_tag, spec, site, hop)
+    vectors = _decode_messages(messages, round_.context, round_.round_tag, spec.digest(), spec.n_ciphertexts, site, hop)
     own = _encrypt(round_.context, _checked_vector(spec, update, weight, site))
     summed = [a + b for a, b in zip(vectors, own)]
     count = len(summed)
@@ -454,9 +530,9 @@ def run_ring(
     updates: Mapping[str, Mapping[str, np.ndarray]],
     counts: Mapping[str, float],
     sigma: float = 1e4,
-    order: Optional[Sequence[str]] = None,
-    relay_log: Optional[MutableSequence[RelayMessage]] = None,
-) -> Dict[str, np.ndarray]:
+    order: Sequence[str] | None = None,
+    relay_log: MutableSequence[RelayMessage] | None = None,
+) -> dict[str, np.ndarray]:
     """Simulate one CSAHE round in memory; return sum_k w_k * Delta_k with w_k = n_k / sum n.
 
     ``order`` (initiator first) defaults to ``ring_order(sites)``; every transfer through the server is appended to
