@@ -1,6 +1,13 @@
 """One results folder per run: final metrics (JSON), a markdown table, training curves and Dice bars (PNG).
 
 Pure code (numpy + matplotlib Agg), no nvflare import; the FLARE controller and the CLI both call it.
+
+Per-site final metrics are the site's summary of the final global model on its held-out part (``"part"``: ``"val"``
+or ``"test"``; validation when absent). A site that ran the final local adaptation (Per-FedAvg, gamma steps) also
+sends ``"personalized"``: the same metric keys for the adapted model on the same part. When any site sent them,
+the table gains "Dice (personalized)" / "DiceS (personalized)" / "DiceL (personalized)" columns and a row with the
+unweighted mean over sites, metrics.json gains ``site_means``, and ``personalized_bars.png`` (per site: global vs
+personalized Dice) is written.
 """
 
 from __future__ import annotations
@@ -8,12 +15,15 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
 METRICS = (("dice", "Dice"), ("dice_s", "DiceS"), ("dice_l", "DiceL"))
+PERSONALIZED = "personalized"
+PART_NAMES = {"val": "validation split", "test": "test part"}
 
 
 def _fmt(v) -> str:
@@ -37,27 +47,77 @@ def _jsonable(obj):
     return obj
 
 
-def history_by_tag(history: Iterable[Mapping[str, Any]]) -> Dict[str, Dict[str, List[tuple]]]:
+def history_by_tag(history: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
     """[{site, tag, step, value}] -> {tag: {site: [(step, value), ...] sorted by step}}."""
-    out: Dict[str, Dict[str, List[tuple]]] = defaultdict(lambda: defaultdict(list))
+    out: dict[str, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for rec in history:
         out[rec["tag"]][rec["site"]].append((rec["step"], rec["value"]))
     return {t: {s: sorted(v) for s, v in sites.items()} for t, sites in out.items()}
 
 
-def markdown_table(site_metrics: Mapping[str, Mapping[str, Any]], test_metrics: Optional[Mapping[str, Any]],
+def personalized_of(m: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A site's personalized metrics (the dict under ``"personalized"``), or None when it sent none."""
+    p = m.get(PERSONALIZED) if isinstance(m, Mapping) else None
+    return p if isinstance(p, Mapping) else None
+
+
+def has_personalized(site_metrics: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any(personalized_of(m) is not None for m in site_metrics.values())
+
+
+def site_parts(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """site -> the held-out part its final metrics were computed on ("val" when the site did not say)."""
+    return {s: str((m or {}).get("part") or "val") for s, m in site_metrics.items()}
+
+
+def site_means(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Unweighted means over sites of Dice / DiceS / DiceL, for the global model and (where sent) personalized.
+
+    A site whose value is None (an empty group) does not count for that metric; None when no site has a value.
+    ``n_sites`` counts the sites that sent the group at all.
+    """
+    def mean(rows):
+        out: dict[str, Any] = {"n_sites": len(rows)}
+        for key, _ in METRICS:
+            vals = [float(r[key]) for r in rows if r.get(key) is not None and not
+                    (isinstance(r.get(key), float) and math.isnan(r[key]))]
+            out[key] = float(np.mean(vals)) if vals else None
+        return out
+
+    rows = [m for m in site_metrics.values() if m]
+    return {"global": mean(rows), PERSONALIZED: mean([p for p in map(personalized_of, rows) if p is not None])}
+
+
+def markdown_table(site_metrics: Mapping[str, Mapping[str, Any]], test_metrics: Mapping[str, Any] | None,
                    test_label: str = "test centre") -> str:
-    lines = ["| data | Dice | DiceS | DiceL | images (small / large) |", "|---|---|---|---|---|"]
-    rows = list(sorted(site_metrics.items()))
+    """Per-site rows (then the test centre); personalized columns and a mean-over-sites row when any site sent
+    personalized metrics. Rows are suffixed with their part when the sites' held-out parts differ."""
+    pers = has_personalized(site_metrics)
+    parts = site_parts(site_metrics)
+    mixed = len(set(parts.values())) > 1
+    head = "| data | Dice | DiceS | DiceL | "
+    if pers:
+        head += " | ".join(f"{label} (personalized)" for _, label in METRICS) + " | "
+    lines = [head + "images (small / large) |", "|---" * (5 + 3 * pers) + "|"]
+    counts = lambda m: f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
+    rows = [(f"{name} ({parts[name]})" if mixed else name, m, personalized_of(m), counts(m))
+            for name, m in sorted(site_metrics.items())]
+    if pers:
+        means = site_means(site_metrics)
+        n_g, n_p = means["global"]["n_sites"], means[PERSONALIZED]["n_sites"]
+        label = f"mean over {n_g} sites" if n_g == n_p else f"mean over sites ({n_g} global, {n_p} personalized)"
+        rows.append((label, means["global"], means[PERSONALIZED], "-"))
     if test_metrics:
-        rows.append((test_label, test_metrics))
-    for name, m in rows:
-        counts = f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k, _ in METRICS) + f" | {counts} |")
+        rows.append((test_label, test_metrics, None, counts(test_metrics)))
+    for name, m, p, n_images in rows:
+        cells = [_fmt(m.get(k)) for k, _ in METRICS]
+        if pers:
+            cells += [_fmt(p.get(k)) if p is not None else "-" for k, _ in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {n_images} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_training_curves(history, out_png: Path, test_curve: Optional[Mapping[Any, Mapping[str, Any]]] = None) -> Path:
+def plot_training_curves(history, out_png: Path, test_curve: Mapping[Any, Mapping[str, Any]] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,23 +174,72 @@ def plot_dice_bars(site_metrics, test_metrics, out_png: Path, title: str = "") -
     return out_png
 
 
+def plot_personalized_bars(site_metrics, out_png: Path, title: str = "") -> Path:
+    """Per site (and the mean over sites): Dice of the global model next to the personalized model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(site_metrics)
+    glob = [site_metrics[n].get("dice") for n in names]
+    pers = [(personalized_of(site_metrics[n]) or {}).get("dice") for n in names]
+    means = site_means(site_metrics)
+    n_g, n_p = means["global"]["n_sites"], means[PERSONALIZED]["n_sites"]
+    names.append("mean" if n_g == n_p else f"mean\n({n_g} / {n_p} sites)")
+    glob.append(means["global"]["dice"])
+    pers.append(means[PERSONALIZED]["dice"])
+    x = np.arange(len(names))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))
+    for offset, vals, label in ((-width / 2, glob, "global model"), (width / 2, pers, "personalized (local adaptation)")):
+        bars = ax.bar(x + offset, [v if v is not None else 0.0 for v in vals], width, label=label)
+        for b, v in zip(bars, vals):
+            if v is None:  # no value (the site sent none)
+                ax.annotate("n/a", (b.get_x() + b.get_width() / 2, 0.0), ha="center", va="bottom", fontsize=7)
+            else:
+                ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("Dice")
+    ax.set_title(title or "global vs personalized Dice per site")
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _parts_note(site_metrics) -> str:
+    parts = set(site_parts(site_metrics).values())
+    if len(parts) == 1:
+        part = parts.pop()
+        where = "each site's validation split" if part == "val" else f"each site's own {PART_NAMES.get(part, part)}"
+    else:
+        where = "each site's held-out part (named in the row: val = validation split, test = the site's test part)"
+    return f"\nPer-site rows: {where}. "
+
+
 def write_results(
     out_dir: Path,
     *,
     job_name: str,
     site_metrics: Mapping[str, Mapping[str, Any]],
-    test_metrics: Optional[Mapping[str, Any]] = None,
-    initial_test_metrics: Optional[Mapping[str, Any]] = None,
-    test_curve: Optional[Mapping[Any, Mapping[str, Any]]] = None,
+    test_metrics: Mapping[str, Any] | None = None,
+    initial_test_metrics: Mapping[str, Any] | None = None,
+    test_curve: Mapping[Any, Mapping[str, Any]] | None = None,
     history: Iterable[Mapping[str, Any]] = (),
-    config: Optional[Mapping[str, Any]] = None,
+    config: Mapping[str, Any] | None = None,
     notes: Iterable[str] = (),
-    best: Optional[Mapping[str, Any]] = None,
-) -> Dict[str, Path]:
-    """Write metrics.json, results.md, training_curves.png and dice_bars.png into ``out_dir``."""
+    best: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json, results.md, training_curves.png and dice_bars.png into ``out_dir`` (and
+    personalized_bars.png when any site sent personalized metrics)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history = list(history)
+    pers = has_personalized(site_metrics)
     payload = {
         "job": job_name,
         "sites": site_metrics,
@@ -142,8 +251,12 @@ def write_results(
         "config": config or {},
         "notes": list(notes),
     }
+    if pers:
+        payload["site_means"] = site_means(site_metrics)
     paths = {"metrics": out_dir / "metrics.json", "table": out_dir / "results.md",
              "curves": out_dir / "training_curves.png", "bars": out_dir / "dice_bars.png"}
+    if pers:
+        paths["personalized_bars"] = out_dir / "personalized_bars.png"
     paths["metrics"].write_text(json.dumps(_jsonable(payload), indent=2))
     md = [f"# {job_name}: final global model\n", markdown_table(site_metrics, test_metrics)]
     if initial_test_metrics and test_metrics:
@@ -159,11 +272,24 @@ def write_results(
                     f"DiceS {_fmt(best['test_centre'].get('dice_s'))}, DiceL {_fmt(best['test_centre'].get('dice_l'))}"
         md.append(line + ".\n")
     md.extend(f"\n{n}\n" for n in notes)
-    md.append("\nPer-site rows: each site's validation split. DiceS: non-empty small-lesion images; "
+    md.append(_parts_note(site_metrics) + "DiceS: non-empty small-lesion images; "
               "DiceL: the other non-empty images (FedGS paper, section 3.4).\n")
+    if pers:
+        gamma = (config or {}).get("adaptation_steps")
+        alpha = (config or {}).get("alpha")
+        how = f"{gamma} plain SGD step(s)" if gamma is not None else "gamma plain SGD steps"
+        how += f" of size alpha = {alpha}" if alpha is not None else " of size alpha"
+        missing = sorted(s for s, m in site_metrics.items() if personalized_of(m) is None)
+        md.append(f"\n(personalized): the final global model after the site's local adaptation ({how} on its own "
+                  "training data, Per-FedAvg), evaluated on the same held-out part; the mean row is the unweighted "
+                  "mean over sites (a site without a value for a metric does not count for it)."
+                  + (f" Sites without personalized metrics: {missing}." if missing else "") + "\n")
     paths["table"].write_text("".join(md))
     plot_training_curves(history, paths["curves"], test_curve)
     plot_dice_bars(site_metrics, test_metrics, paths["bars"], title=f"{job_name}: final global model")
+    if pers:
+        plot_personalized_bars(site_metrics, paths["personalized_bars"],
+                               title=f"{job_name}: global vs personalized Dice per site")
     return paths
 
 

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from fedseg.errors import ConfigError
 from fedseg.training import LocalTrainer, TrainConfig, evaluate_model, load_state, resolve_device
+from torch import nn
 
 
 def _data(n=10, size=16, seed=0, small_every=3):
@@ -50,6 +49,7 @@ def test_round_counts_steps_and_sends_weight_diff_of_float_entries():
     floats = {k for k, v in state.items() if v.is_floating_point()}
     assert set(res.update) == floats  # num_batches_tracked is never sent
     assert 1.0 < res.metrics["eta_mean"] and 0 < res.metrics["scaled_step_fraction"] <= 1
+    assert res.metrics["n_samples"] == 10  # training samples (the CSAHE ring weights n_k / sum n)
 
 
 def test_fedavg_update_is_minus_the_parameter_change():
@@ -68,7 +68,7 @@ def test_fedgs_update_is_larger_than_fedavg_when_small_lesions_present():
     # identical local trajectory (same seed), FedGS only rescales what is accumulated
     for (na, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         torch.testing.assert_close(pa, pb)
-    norm = lambda u: sum(float(np.sum(v.astype(np.float64) ** 2)) for k, v in u.items() if "running" not in k)  # noqa: E731
+    norm = lambda u: sum(float(np.sum(v.astype(np.float64) ** 2)) for k, v in u.items() if "running" not in k)
     assert norm(ub) > norm(ua)
 
 

@@ -1,15 +1,21 @@
 """Last workflow of a training job: cross-site evaluation of the final global model and the results folder.
 
 Sends ``validate`` with the final global model to every site (each reports Dice / DiceS / DiceL on its own
-validation split), evaluates the test centre where the server may see it (:class:`TestCentreEvaluator`), then writes
+held-out part: the validation split, or its own test part when the dataset has one, named by ``"part"`` in the
+metrics), evaluates the test centre where the server may see it (:class:`TestCentreEvaluator`), then writes
 ``<run dir>/results/``: ``global_model.pt``, ``metrics.json``, ``results.md``, ``training_curves.png``,
 ``dice_bars.png``, ``test_overlays.png`` (and TensorBoard files under ``<run dir>/tb_events``). The path is logged and printed.
+
+A site that runs the final local adaptation (Per-FedAvg, ``adaptation_steps`` > 0) adds ``"personalized"`` (the same
+metric keys for the adapted model) to its metrics; they are passed through unchanged and the results gain the
+personalized columns, a mean row and ``personalized_bars.png`` (:mod:`fedseg.results`). Runs in which no site sends
+them are unchanged. When the final metrics are on a site's *test* part, the final model is not offered to the
+best-model keeper (its choice stays a choice by validation Dice, never by test Dice).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict
 
 import numpy as np
 from nvflare.apis.client import Client
@@ -23,7 +29,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from fedseg.results import write_results
+from fedseg.results import PERSONALIZED, site_means, site_parts, write_results
 
 
 class FinalEvaluation(Controller):
@@ -40,10 +46,12 @@ class FinalEvaluation(Controller):
         self.results_folder = results_folder
         self.timeout = timeout
         self.job_config = dict(job_config or {})
-        self._site_metrics: Dict[str, dict] = {}
+        self._site_metrics: dict[str, dict] = {}
+        self._notes: list = []
 
     def start_controller(self, fl_ctx: FLContext):
         self._site_metrics = {}
+        self._notes = []
 
     def stop_controller(self, fl_ctx: FLContext):
         pass
@@ -61,10 +69,18 @@ class FinalEvaluation(Controller):
             return
         try:
             dxo = from_shareable(result)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any malformed reply: log it, keep the other sites' results)
             self.log_error(fl_ctx, f"final validation result of site {site} is unreadable: {e}")
             return
-        self._site_metrics[site] = dict(dxo.data)
+        metrics = dict(dxo.data)
+        pers = metrics.get(PERSONALIZED)
+        if pers is not None and not isinstance(pers, dict):
+            self.log_error(fl_ctx, f"site {site} sent personalized metrics that are not a dict "
+                           f"({type(pers).__name__}); they are left out of the results")
+            self._notes.append(f"Site {site} sent unreadable personalized metrics ({type(pers).__name__}); "
+                               "left out.")
+            metrics.pop(PERSONALIZED)
+        self._site_metrics[site] = metrics
         client_task.result = None
 
     def _global_weights(self, fl_ctx: FLContext):
@@ -81,7 +97,12 @@ class FinalEvaluation(Controller):
             return None
         last_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)  # ScatterAndGather's last round (sticky)
         final_round = int(last_round) + 1 if last_round is not None else (max(keeper.by_round) + 1 if keeper.by_round else 0)
-        keeper.offer(final_round, self._site_metrics, weights, fl_ctx)  # the final model, validated just now
+        test_parts = sorted(site for site, part in site_parts(self._site_metrics).items() if part != "val")
+        if test_parts:  # the final metrics are test metrics: choosing by them would select on test data
+            self._notes.append(f"The final model (round {final_round}) is not a best-model candidate: its final "
+                               f"metrics are on the test part of {test_parts}, not on validation data.")
+        else:
+            keeper.offer(final_round, self._site_metrics, weights, fl_ctx)  # the final model, validated just now
         if keeper.best_round is None or not keeper.path or not os.path.exists(keeper.path):
             return None
         import shutil
@@ -114,7 +135,7 @@ class FinalEvaluation(Controller):
         run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
         out_dir = os.path.join(run_dir, self.results_folder)
         os.makedirs(out_dir, exist_ok=True)
-        notes = []
+        notes = self._notes
         evaluator = engine.get_component(self.test_evaluator_id) if self.test_evaluator_id else None
         test_metrics = initial = None
         curve = {}
@@ -127,7 +148,7 @@ class FinalEvaluation(Controller):
         best = self._best_model(engine, weights, evaluator, fl_ctx, out_dir)
         recorder = engine.get_component(self.recorder_id) if self.recorder_id else None
         history = recorder.history() if recorder is not None else []
-        missing = sorted(set(c.name for c in engine.get_clients()) - set(self._site_metrics))
+        missing = sorted({c.name for c in engine.get_clients()} - set(self._site_metrics))
         if missing:
             notes.append(f"Sites without a final validation result: {missing}")
 
@@ -144,5 +165,10 @@ class FinalEvaluation(Controller):
             summary = f" test centre Dice {test_metrics['dice']:.4f}"
             if initial:
                 summary += f" (untrained {initial['dice']:.4f})"
+        if any(isinstance(m.get(PERSONALIZED), dict) for m in self._site_metrics.values()):
+            means = site_means(self._site_metrics)
+            g, p = means["global"]["dice"], means[PERSONALIZED]["dice"]
+            if g is not None and p is not None:
+                summary += ("; " if summary else " ") + f"site mean Dice {g:.4f} global, {p:.4f} personalized"
         self.log_info(fl_ctx, f"fedseg results:{summary} -> {out_dir}")
         print(f"\nfedseg results:{summary}\n  {out_dir}\n", flush=True)
