@@ -19,6 +19,7 @@ class DatasetEntry:
     load_test: str
     augment: str
     in_channels: int
+    site_parts: tuple[str, ...] = ("train", "val")  # the parts load_site_data accepts for a site
 
 
 DATASETS: Dict[str, DatasetEntry] = {
@@ -27,6 +28,10 @@ DATASETS: Dict[str, DatasetEntry] = {
     "polypgen": DatasetEntry("fedseg.data.polypgen:PolypGenPreprocessing", "fedseg.data.polypgen:load_polypgen_site",
                              "fedseg.data.polypgen:load_polypgen_test_centre",
                              "fedseg.data.transforms:augment_polypgen_batch", 3),
+    # 2.5D U-Net: in_channels = the 5 slices of a view; every hospital has its own test cases
+    "covid": DatasetEntry("fedseg.data.covid:CovidPreprocessing", "fedseg.data.covid:load_covid_site",
+                          "fedseg.data.covid:load_covid_test", "fedseg.data.covid:augment_covid_batch", 5,
+                          site_parts=("train", "val", "test")),
 }
 
 
@@ -58,9 +63,15 @@ def in_channels(dataset: str) -> int:
     return _entry(dataset).in_channels
 
 
+def site_parts(dataset: str) -> tuple[str, ...]:
+    """The parts :func:`load_site_data` accepts for a site: ("train", "val"), or ("train", "val", "test") for a
+    dataset whose sites hold their own test cases (covid)."""
+    return tuple(_entry(dataset).site_parts)
+
+
 def load_site_data(dataset: str, site_name: str, part: str, data_args: Optional[Dict[str, Any]] = None,
                    workspace_root: Optional[str | Path] = None, progress: bool = False) -> Tuple[Any, Any]:
-    """Returns (dataset object, DataSource) of ``part`` ("train" / "val") of ``site_name``'s data."""
+    """Returns (dataset object, DataSource) of ``part`` (one of :func:`site_parts`) of ``site_name``'s data."""
     from fedseg.data.config import resolve_data_source
 
     prep = preprocessing(dataset, data_args)

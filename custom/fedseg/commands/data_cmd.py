@@ -5,6 +5,8 @@ Examples::
     fedseg data synth lits --out /data/lits_synth                  # "quick" preset, seed 0
     fedseg data synth lits --out /tmp/tiny --preset tiny --seed 3
     fedseg data synth polypgen --out /data/polypgen_synth          # six centres of JPEG frames + masks
+    fedseg data synth covid --out /data/covid_synth                # hospitals A-E of chest CT NIfTI + infection masks
+    fedseg data synth covid --out /data/covid_paper --preset paper --size 64   # the paper's 180 cases, small matrix
     fedseg data scan                                                # this site's configured data (or built-in)
     fedseg data scan --root /data/LiTS --split paper --out scan_lits
     fedseg data scan --data-config local/fedseg_data.json --sites site-1 site-2
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +29,7 @@ from fedseg.errors import ConfigError
 if TYPE_CHECKING:
     from fedseg.data.config import DataSource
 
-_PRESETS = ("quick", "tiny")
+_PRESETS = ("quick", "tiny", "paper")  # "paper": covid only
 
 
 def register(subparsers: Any) -> None:
@@ -43,13 +46,20 @@ def register(subparsers: Any) -> None:
                                        "test centre 5), with per-centre scanner style and tumour-size mix. "
                                        "polypgen: data_C<n>/images_C<n>/*.jpg and data_C<n>/masks_C<n>/*_mask.jpg "
                                        "for six centres, split.json (5 folds per centre 1-5, centre 6 = test), "
-                                       "with per-centre endoscope style and polyp-size mix.")
-    synth.add_argument("dataset", choices=("lits", "polypgen"), help="data set format to generate")
+                                       "with per-centre endoscope style and polyp-size mix. covid: "
+                                       "<hospital>/imagesTr/<case>.nii.gz and <hospital>/labelsTr/<case>.nii.gz for "
+                                       "hospitals A-E (chest CT with infection masks; per-hospital scanner, slice "
+                                       "thickness and case count), no split.json (automatic 5-fold per hospital).")
+    synth.add_argument("dataset", choices=("lits", "polypgen", "covid"), help="data set format to generate")
     synth.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     synth.add_argument("--preset", choices=_PRESETS, default="quick",
-                       help="quick (default; lits: 256x256, 30 volumes; polypgen: 212 frames of 256-384 px) or "
-                            "tiny (tests; lits: 128x128, 10 volumes; polypgen: 41 frames of ~100-150 px)")
+                       help="quick (default; lits: 256x256, 30 volumes; polypgen: 212 frames of 256-384 px; covid: "
+                            "96x96, 32 volumes), tiny (tests; lits: 128x128, 10 volumes; polypgen: 41 frames of "
+                            "~100-150 px; covid: 40x40, 25 volumes) or paper (covid only: 512x512, 180 volumes, "
+                            "A 119 / B 22 / C 18 / D 12 / E 9)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical data)")
+    synth.add_argument("--size", type=int, default=None,
+                       help="covid only: in-plane matrix size overriding the preset's (e.g. --preset paper --size 64)")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=run_synth)
 
@@ -85,6 +95,10 @@ def register(subparsers: Any) -> None:
 
 
 def run_synth(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    if args.dataset == "covid":
+        return _run_synth_covid(args, out)
+    if args.preset == "paper" or getattr(args, "size", None) is not None:
+        raise ConfigError(f"--preset paper and --size apply to covid only; {args.dataset} has presets quick and tiny")
     if args.dataset == "polypgen":
         return _run_synth_polypgen(args, out)
     from fedseg.data.lits import resolve_lits_split
@@ -247,4 +261,35 @@ def _run_scan_polypgen(args: argparse.Namespace, out: TextIO | None = None) -> i
     print(f"scanned {first.origin} ({root0}); small = H*W / area(smallest polyp) >= {prep.tau:g}:", file=out)
     print(format_polypgen_table(result["groups"]), file=out)
     print(f"wrote {', '.join(result['files'])} to {Path(args.out).resolve()}", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ COVID
+def _run_synth_covid(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from fedseg.data.synthetic_covid import HOSPITALS, synth_covid
+
+    out = sys.stdout if out is None else out
+    overrides = {} if args.size is None else {"size": args.size}
+    t0 = time.perf_counter()
+    root = synth_covid(args.out, preset=args.preset, seed=args.seed, progress=not args.no_progress, **overrides)
+    seconds = time.perf_counter() - t0
+    meta = json.loads((root / "synthetic.json").read_text(encoding="utf-8"))
+    n = sum(len(c) for c in meta["cases"].values())
+    print(f"wrote synthetic COVID CT ({args.preset}, seed {args.seed}, {n} volumes in {len(meta['cases'])} hospitals) "
+          f"to {root.resolve()} in {seconds:.1f} s", file=out)
+    print("| hospital | scanner | cases | slice mm | pixel mm | slices | lesions small/medium/large | infected % |",
+          file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    for h, cases in meta["cases"].items():
+        kinds = [les["kind"] for c in cases for les in c["lesions"]]
+        vox = sum(math.prod(c["shape"]) for c in cases)
+        inf = sum(c["infection_voxels"] for c in cases)
+        px = [c["pixel_mm"] for c in cases]
+        nz = [c["shape"][2] for c in cases]
+        thick = sorted({c["slice_thickness_mm"] for c in cases})
+        print(f"| {h} | {HOSPITALS[h].scanner} | {len(cases)} | {', '.join(f'{t:g}' for t in thick)} | "
+              f"{min(px):.2f}-{max(px):.2f} | {min(nz)}-{max(nz)} | {kinds.count('small')}/{kinds.count('medium')}/"
+              f"{kinds.count('large')} | {100.0 * inf / vox:.2f} |", file=out)
+    print("no split.json: the reader splits each hospital into 5 folds (data_args \"fold\"); sites site-1..site-5 "
+          "hold hospitals A..E", file=out)
     return 0

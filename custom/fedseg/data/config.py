@@ -1,13 +1,13 @@
 """Site-local data configuration: where each FLARE site finds its data, without editing the job.
 
-A job only names a dataset (``"lits"`` or ``"polypgen"``). Each site decides *where* that data lives, in this order:
+A job only names a dataset (``"lits"``, ``"polypgen"`` or ``"covid"``). Each site decides *where* that data lives, in this order:
 
 1. ``<workspace_root>/local/fedseg_data.json`` -- FLARE's site-local folder. In a provisioned system
    ``workspace_root`` is the site's startup kit (``<kit>/local/``); under ``nvflare simulator -w WS`` the
    simulator copies ``WS/local`` into every site's workspace, so one file configures all simulated sites.
 2. The JSON file named by the environment variable ``FEDSEG_DATA_CONFIG``.
 3. Built-in synthetic data (``root=None``), generated once on first use (:func:`ensure_builtin_lits`,
-   :func:`ensure_builtin_polypgen`).
+   :func:`ensure_builtin_polypgen`, :func:`ensure_builtin_covid`).
 
 File format (a site's section overrides the top level key by key; relative paths are resolved against the
 folder that holds the JSON file; ``~`` is expanded)::
@@ -22,12 +22,14 @@ folder that holds the JSON file; ``~`` is expanded)::
 Keys of a dataset section:
 
 * ``root`` (required): LiTS: folder with ``volume-<i>.nii[.gz]`` / ``segmentation-<i>.nii[.gz]``; PolypGen:
-  folder with ``data_C<n>/images_C<n>/`` and ``data_C<n>/masks_C<n>/``; the special value ``"builtin"``
+  folder with ``data_C<n>/images_C<n>/`` and ``data_C<n>/masks_C<n>/``; COVID: folder with
+  ``<hospital>/imagesTr/`` and ``<hospital>/labelsTr/`` (:mod:`fedseg.data.covid`); the special value ``"builtin"``
   selects the built-in synthetic data explicitly.
 * ``split``: ``"paper"`` (the packaged FedGS LiTS split), ``"auto"`` (LiTS: one local centre of all cases;
-  PolypGen: automatic 5-fold split per centre), a path to a split JSON, or ``null`` (``<root>/split.json`` if
-  present, else automatic).
-* ``centre``: the split's centre this site holds (default: the split's ``sites`` mapping).
+  PolypGen: automatic 5-fold split per centre; COVID: automatic 5-fold split per hospital, data_args ``fold``), a
+  path to a split JSON, or ``null`` (``<root>/split.json`` if present, else automatic).
+* ``centre``: the split's centre this site holds (default: the split's ``sites`` mapping; COVID: the hospital,
+  default site-1..site-5 -> A..E).
 * ``cache_dir``: where preprocessed caches go (default ``<root>/.fedseg_cache``, or ``~/.cache/fedseg/cache``
   when the root is read-only).
 """
@@ -55,6 +57,7 @@ __all__ = [
     "builtin_data_root",
     "ensure_builtin_lits",
     "ensure_builtin_polypgen",
+    "ensure_builtin_covid",
     "default_cache_dir",
     "file_lock",
 ]
@@ -66,16 +69,18 @@ DATA_HOME_ENV = "FEDSEG_DATA_HOME"
 #: file name inside FLARE's site-local folder ``<workspace>/local/``
 LOCAL_CONFIG_NAME = "fedseg_data.json"
 #: datasets this module knows how to configure
-DATASETS = ("lits", "polypgen")
+DATASETS = ("lits", "polypgen", "covid")
 #: keys allowed in a dataset section
 _SECTION_KEYS = ("root", "split", "centre", "cache_dir")
 #: bump when the built-in data generator changes in a way that must regenerate old built-in copies
 BUILTIN_LITS_VERSION = 1
 BUILTIN_POLYPGEN_VERSION = 1  # bump with fedseg.data.synthetic_polypgen.SYNTH_VERSION
+BUILTIN_COVID_VERSION = 1  # bump with fedseg.data.synthetic_covid.SYNTH_VERSION
 #: what a data root of each dataset holds (for error messages)
 _ROOT_CONTENT = {
     "lits": "volume-<i>.nii[.gz] and segmentation-<i>.nii[.gz]",
     "polypgen": "data_C<n>/images_C<n>/*.jpg and data_C<n>/masks_C<n>/*_mask.jpg",
+    "covid": "<hospital>/imagesTr/<case>.nii.gz and <hospital>/labelsTr/<case>.nii.gz",
 }
 _BUILTIN_MARKER = ".fedseg_builtin.json"
 
@@ -355,3 +360,17 @@ def ensure_builtin_polypgen(progress: bool = False, *, preset: str = "quick", se
         synth_polypgen(out, **kw)
 
     return _ensure_builtin("polypgen", BUILTIN_POLYPGEN_VERSION, generate, progress, preset, seed)
+
+
+def ensure_builtin_covid(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
+    """Return the built-in synthetic COVID root, generating ``synth_covid(preset, seed)`` there once.
+
+    Same protocol as :func:`ensure_builtin_lits` (lock, temporary folder + rename, marker with the generator
+    version, preset and seed).
+    """
+    def generate(out: Path, **kw: Any) -> None:
+        from fedseg.data.synthetic_covid import synth_covid
+
+        synth_covid(out, **kw)
+
+    return _ensure_builtin("covid", BUILTIN_COVID_VERSION, generate, progress, preset, seed)
