@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "evaluate_cmd",
     "cv_cmd",
     "report_cmd",
+    "baseline_cmd",
+    "predict_cmd",
 )
 
 

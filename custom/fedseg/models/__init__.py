@@ -5,7 +5,10 @@ UTNet's: ``base_chan``, ``reduce_size``, ``block_list``, ``num_blocks``, ``num_h
 ``projection``, ``rel_pos``, ``maxpool``, ``bottleneck``, ``weight_init``); ``get_model("unet", ...)`` builds a light
 MONAI ``BasicUNet`` (:func:`fedseg.models.unet.build_unet`); ``get_model("sd_utnet", ...)`` builds
 :class:`fedseg.models.sd_utnet.SDUTNet` (SDNet with a UTNet anatomy encoder; kwargs are its constructor's, UTNet's
-included, and it has its own ``training_loss(x, y)``). Every model returns logits ``[N, num_classes, H, W]``.
+included, and it has its own ``training_loss(x, y)``). Every model returns logits ``[N, num_classes, H, W]``, except
+``get_model("unet25d", in_channels=5, base_chan=8)``: PPPML-HMI's 2.5D U-Net
+(:class:`fedseg.models.unet25d.UNet25D`; ``in_channels`` = slices per view) maps ``[N, 3, 5, S, S]`` to ``[N, 3, S, S]``
+(one logit map per view) and has its own ``training_loss(x, y)``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ def _build_sd_utnet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Mod
     return SDUTNet(in_chan=in_channels, num_classes=num_classes, **kwargs)
 
 
+def _build_unet25d(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from fedseg.models.unet25d import UNet25D
+
+    _check_kwargs("unet25d", UNet25D.__init__, kwargs, reserved=("in_chan", "num_classes"))
+    return UNet25D(in_chan=in_channels, num_classes=num_classes, **kwargs)
+
+
 def _build_unet(in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -51,6 +61,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "utnet": _build_utnet,
     "unet": _build_unet,
     "sd_utnet": _build_sd_utnet,
+    "unet25d": _build_unet25d,
 }
 
 
