@@ -64,6 +64,7 @@ from fedseg.errors import ConfigError, FedsegError
 
 __all__ = [
     "KINDS",
+    "TASK_NAMES",
     "Attempt",
     "RingAborted",
     "RingMember",
@@ -75,6 +76,7 @@ __all__ = [
 ]
 
 KINDS = ("start", "hop", "finish")
+TASK_NAMES = {"start": "csahe_start", "hop": "csahe_hop", "finish": "csahe_finish"}  # the FLARE task of each kind
 
 
 @dataclass(frozen=True)
