@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fedseg.cli import main
 from fedseg.jobs.recipes import JOBS, diff_against
 
@@ -33,7 +32,8 @@ def test_check_detects_a_hand_edited_job(tmp_path):
     assert main(["jobs", "export", "--out", str(tmp_path), "--check"]) == 1
 
 
-@pytest.mark.parametrize("name, aggregation", [("fedgs_lits_paper", "fedgs"), ("fedavg_lits_paper", "fedavg")])
+@pytest.mark.parametrize("name, aggregation", [("fedgs_lits_paper", "fedgs"), ("fedavg_lits_paper", "fedavg"),
+                                               ("fedgs_lits_csahe_paper", "fedgs")])
 def test_paper_jobs_carry_exactly_the_paper_settings(name, aggregation):
     job_dir = REPO / "jobs" / name
     args = _client_args(job_dir)
@@ -103,3 +103,90 @@ def test_sd_utnet_paper_variant_is_the_fedgs_reference_network():
     job = JOBS["fedgs_polypgen_paper"].with_model("sd_utnet")
     net = get_model(job.model, in_channels=job.in_channels, num_classes=job.num_classes, **job.model_args)
     assert count_parameters(net) == 18_836_223  # FedGS's SD_UTNet(in_channels=3), counted on its code
+
+
+# ---------------------------------------------------------------------------------------------------- CSAHE jobs
+
+PLAIN_JOBS = [n for n, j in JOBS.items() if j.secure_aggregation == "none"]
+
+
+@pytest.mark.parametrize("name", ["fedgs_lits_csahe", "fedgs_lits_csahe_paper"])
+def test_csahe_jobs_use_the_ring_controller_and_keep_updates_at_the_sites(name):
+    job_dir = REPO / "jobs" / name
+    server = _server(job_dir)
+    wf = server["workflows"][0]
+    assert wf["path"] == "fedseg.flare.ring_controller.CSAHEScatterAndGather"
+    assert wf["args"]["weighting"] == "steps" and wf["args"]["min_ring_sites"] == 3
+    assert wf["args"]["min_clients"] >= 3 and wf["args"]["hop_timeout"] == JOBS[name].hop_timeout
+    assert server["server"] == {"task_request_interval": 0.5}
+    assert "aggregator" not in {c["id"] for c in server["components"]}  # nothing aggregates plaintext updates
+    assert server["workflows"][1]["path"].endswith("FinalEvaluation")
+    client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())
+    assert client["executors"][0]["tasks"] == ["train", "validate", "csahe_start", "csahe_hop", "csahe_finish"]
+    args = _client_args(job_dir)
+    assert args["secure_aggregation"] == "csahe" and args["csahe_sigma"] == 1e4
+    assert "algorithm" not in args  # Per-FedAvg settings appear only in jobs that use them
+
+
+def test_csahe_quick_job_is_fedgs_lits_plus_csahe():
+    plain, secure = JOBS["fedgs_lits"].summary(), JOBS["fedgs_lits_csahe"].summary()
+    extra = {k: secure.pop(k) for k in list(secure) if k not in plain}
+    assert extra == {"secure_aggregation": "csahe", "csahe_sigma": 1e4, "hop_timeout": 600, "csahe_weighting": "steps",
+                     "csahe_task_request_interval": 0.5}
+    for key in ("job_name", "description"):
+        plain.pop(key), secure.pop(key)
+    assert plain == secure
+    paper, secure_paper = JOBS["fedgs_lits_paper"].summary(), JOBS["fedgs_lits_csahe_paper"].summary()
+    assert {k: v for k, v in secure_paper.items() if k in paper and k not in ("job_name", "description")} == {
+        k: v for k, v in paper.items() if k not in ("job_name", "description")}
+    assert secure_paper["hop_timeout"] == 1800
+
+
+def test_plain_jobs_carry_no_csahe_or_perfedavg_settings():
+    for name in PLAIN_JOBS:
+        job_dir = REPO / "jobs" / name
+        args = _client_args(job_dir)
+        assert not {"secure_aggregation", "csahe_sigma", "algorithm", "adaptation_steps"} & set(args), name
+        server = _server(job_dir)
+        assert "server" not in server and server["workflows"][0]["path"].endswith(".ScatterAndGather")
+        assert "secure_aggregation" not in JOBS[name].summary()
+
+
+def test_settings_groups_are_written_whole_when_used():
+    from dataclasses import replace
+
+    pfa = replace(JOBS["fedavg_lits"], algorithm="perfedavg", adaptation_steps=2)
+    args = pfa.client_config()["executors"][0]["executor"]["args"]
+    assert {k: args[k] for k in ("algorithm", "perfedavg_variant", "alpha", "beta", "adaptation_steps")} == {
+        "algorithm": "perfedavg", "perfedavg_variant": "fo", "alpha": 1e-3, "beta": 1e-4, "adaptation_steps": 2}
+    assert "secure_aggregation" not in args
+    both = replace(pfa, secure_aggregation="csahe", csahe_weighting="samples")
+    assert both.server_config()["workflows"][0]["args"]["weighting"] == "samples"
+    assert both.summary()["algorithm"] == "perfedavg" and both.summary()["csahe_weighting"] == "samples"
+
+
+def test_bad_csahe_settings_are_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=">= 3 sites"):
+        replace(JOBS["fedgs_lits_csahe"], min_clients=2)
+    with pytest.raises(ValueError, match="secure_aggregation"):
+        replace(JOBS["fedgs_lits"], secure_aggregation="he")
+    with pytest.raises(ValueError, match="csahe_weighting"):
+        replace(JOBS["fedgs_lits_csahe"], csahe_weighting="images")
+
+
+@pytest.mark.parametrize("name", ["fedgs_lits_csahe", "fedgs_lits"])
+def test_exported_classes_accept_their_arguments(name):
+    """Every class named in the exported job can be built with exactly the exported arguments."""
+    import importlib
+
+    job_dir = REPO / "jobs" / name
+    client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())
+    server = _server(job_dir)
+    specs = [client["executors"][0]["executor"], *server["workflows"],
+             *[c for c in server["components"] if c["path"].startswith("fedseg.")]]
+    for spec in specs:
+        module, _, cls = spec["path"].rpartition(".")
+        obj = getattr(importlib.import_module(module), cls)(**spec["args"])
+        assert obj is not None
