@@ -313,8 +313,10 @@ def markdown(result: BaselineResult) -> str:
     lines = [f"# {s.job}: {title}\n", head, "|---|---|---|---|---|---|"]
     for site, m in result.sites.items():
         n_train = m.get("n_train", m.get("n_train_site", "?"))
-        lines.append(f"| {site} | " + " | ".join(_fmt(m.get(k)) for k, _ in METRICS)
-                     + f" | {m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')}) | {n_train} |")
+        counts = f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
+        if "n_slices" in m:  # volumetric evaluation (covid): n = cases, small / large = axial slices
+            counts = f"{m.get('n', '?')} cases ({m.get('n_small', '?')} / {m.get('n_large', '?')} slices)"
+        lines.append(f"| {site} | " + " | ".join(_fmt(m.get(k)) for k, _ in METRICS) + f" | {counts} | {n_train} |")
     lines.append(f"| mean over {len(result.sites)} sites | "
                  + " | ".join(_fmt(mean_over_sites(result.sites, k)) for k, _ in METRICS) + " | - | - |")
     part = "test part" if s.held_out_part == "test" else "validation split"
