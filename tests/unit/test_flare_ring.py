@@ -163,6 +163,12 @@ def _train_reply(site, digest, steps=4, n=10, rnd=3, kind=DataKind.APP_DEFINED, 
     return s
 
 
+def _with_array(reply):
+    dxo = from_shareable(reply)
+    dxo.data["conv.weight"] = FLOATS["conv.weight"]  # an update smuggled into the metadata
+    return dxo.update_shareable(reply)
+
+
 def test_controller_accepts_metadata_only_train_replies():
     ctrl, _ = _controller({}, meta={})
     digest = expected_layout(GLOBAL)[0].digest().hex()
@@ -174,6 +180,7 @@ def test_controller_accepts_metadata_only_train_replies():
         (_train_reply("s", digest, n=float("nan")), "'n_samples'"),
         (_train_reply("s", digest, rnd=2), "round 2"),
         (_train_reply("s", digest, rc=ReturnCode.EXECUTION_EXCEPTION), "EXECUTION_EXCEPTION"),
+        (_with_array(_train_reply("s", digest)), "non-scalar entries \\['conv.weight'\\]"),
     ]:
         with pytest.raises(ConfigError, match=why):
             ctrl._check_meta("s", reply, 3)

@@ -292,6 +292,10 @@ class CSAHEScatterAndGather(Controller):
             raise ConfigError("the site sent its model update in plaintext; with CSAHE the update must stay at the "
                               "site (its executor needs secure_aggregation='csahe'); the update is discarded")
         meta = dict(dxo.data or {})
+        bulky = sorted(k for k, v in meta.items() if not isinstance(v, (int, float, str, type(None))))
+        if bulky:
+            raise ConfigError(f"the metadata holds non-scalar entries {bulky[:5]}; with CSAHE a train reply carries "
+                              "only steps, n_samples, the layout digest and counts (the entries are discarded)")
         spec = self._layout[0]
         for key in ("steps", "n_samples"):
             value = meta.get(key)
