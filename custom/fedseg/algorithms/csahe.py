@@ -352,7 +352,7 @@ def message_header(message: bytes) -> tuple[bytes, bytes, int, int]:
 
 def _decode_messages(
     messages: Sequence[bytes], context: ts.Context, tag: bytes, layout: bytes | None, expected: int, site: str,
-    hop: str,
+    hop: str, keep: bool = True,
 ) -> list[ts.CKKSVector]:
     """Check every header (magic, round tag, layout, index/count) and deserialize each ciphertext under ``context``.
 
@@ -393,7 +393,8 @@ def _decode_messages(
             ) from None
         if size != SLOTS:
             raise CSAHEError(f"CSAHE: {hop} at site {site}: ciphertext {i} holds {size} values, expected {SLOTS}")
-        vectors.append(vec)
+        if keep:  # a checking server keeps none (about 260 kB of memory per deserialized ciphertext)
+            vectors.append(vec)
     return vectors
 
 
@@ -434,7 +435,7 @@ def validate_messages(
             raise CSAHEError(f"CSAHE: {hop} at site {site}: the public context is not this round's")
     if isinstance(expected_count, bool) or not isinstance(expected_count, (int, np.integer)) or expected_count < 1:
         raise ConfigError(f"validate_messages: expected_count must be a positive int, got {expected_count!r}")
-    _decode_messages(messages, context, tag, layout_digest, int(expected_count), site, hop)
+    _decode_messages(messages, context, tag, layout_digest, int(expected_count), site, hop, keep=False)
     return message_header(messages[0])[1]
 
 
