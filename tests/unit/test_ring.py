@@ -277,6 +277,12 @@ def test_failing_initiator_is_dropped_and_the_round_reruns(stage):
     fake.faults["s1"] = fault
     out = secure_aggregate(sites, counts, fake.send, rng=Orders(["s1", "s2", "s3", "s4"], ["s2", "s3", "s4"]),
                            check_result=_check_against(updates), keep_bytes=True)
+    if stage == "finish-nan":
+        # the server holds a (rejected) aggregate over all four: a re-run over the other three would reveal s1's
+        # update by subtraction, so the round is skipped instead
+        assert not out.ok and len(out.attempts) == 1 and out.attempts[0].failed_site == "s1"
+        assert "NaN/Inf" in out.attempts[0].reason and "difference is that site's own update" in out.reason
+        return
     assert out.ok and out.attempts[0].failed_site == "s1"
     assert out.attempts[0].stage == stage.split("-")[0]
     expected = _weighted_sum(updates, counts, ["s2", "s3", "s4"])
@@ -287,8 +293,6 @@ def test_failing_initiator_is_dropped_and_the_round_reruns(stage):
         assert not [t for t in out.transfers if t.attempt == 1 and t.direction == "sent"]
     if stage == "start-private":
         assert "secret key" in out.attempts[0].reason
-    if stage == "finish-nan":
-        assert "NaN/Inf" in out.attempts[0].reason
 
 
 def test_three_sites_one_failing_skips_the_round_with_a_reason():

@@ -30,7 +30,11 @@ The finished aggregate goes through ``check_result`` (the controller checks fini
 On any failure every partial sum of the attempt is discarded (nothing of it is returned), the failed site is dropped
 and a new attempt starts with a fresh ring order, hence usually a fresh initiator, and always fresh keys and mask (a
 "start" builds a new ``csahe.Initiator``) while at least ``min_sites`` (>= 3) sites remain; otherwise the aggregation
-gives up with a reason. The outcome's ``aggregate`` is either the complete ring sum of a successful attempt or
+gives up with a reason. One exception: when the initiator's *finished aggregate* reached the server and was rejected
+(``check_result``: NaN, wrong keys or shapes), the round is skipped without a re-run. The server then already holds
+an aggregate over all sites of the attempt (its valid entries); an aggregate over the same sites minus the initiator
+would hand it, by subtraction, the initiator's own weighted update. (A finish that fails without returning an aggregate,
+e.g. a timeout or a decryption error at the initiator, is re-run as usual.) The outcome's ``aggregate`` is either the complete ring sum of a successful attempt or
 ``None``: a partial sum is never returned.
 
 Everything the server sends and receives is recorded as a :class:`Transfer` (attempt, kind, direction, site, item,
@@ -91,9 +95,9 @@ class RingAborted(Exception):
 
 
 class _SiteFailure(Exception):
-    def __init__(self, site: str, stage: str, reason: str):
+    def __init__(self, site: str, stage: str, reason: str, aggregate_seen: bool = False):
         super().__init__(reason)
-        self.site, self.stage, self.reason = site, stage, reason
+        self.site, self.stage, self.reason, self.aggregate_seen = site, stage, reason, aggregate_seen
 
 
 @dataclass(frozen=True)
@@ -300,7 +304,8 @@ def _run_attempt(index: int, order: list[str], weights: dict[str, float], send: 
     reply = _call(send, initiator, "finish", {"attempt": index, "messages": messages})
     aggregate = reply.get("aggregate")
     if not isinstance(aggregate, Mapping) or not aggregate:
-        raise _SiteFailure(initiator, "finish", "the reply holds no aggregate (name -> array)")
+        raise _SiteFailure(initiator, "finish", "the reply holds no aggregate (name -> array)",
+                           aggregate_seen=aggregate is not None)
     aggregate = {str(k): np.asarray(v) for k, v in aggregate.items()}
     for value in aggregate.values():
         rec.add(index, "finish", "received", initiator, "aggregate", value.tobytes())
@@ -308,7 +313,7 @@ def _run_attempt(index: int, order: list[str], weights: dict[str, float], send: 
         try:
             check_result(aggregate, initiator)
         except FedsegError as exc:
-            raise _SiteFailure(initiator, "finish", f"the aggregate was rejected: {exc}") from None
+            raise _SiteFailure(initiator, "finish", f"the aggregate was rejected: {exc}", aggregate_seen=True) from None
     return aggregate
 
 
@@ -385,6 +390,12 @@ def secure_aggregate(
             attempt.failed_site, attempt.stage, attempt.reason = f.site, f.stage, f.reason
             dropped[f.site] = f"{f.stage}: {f.reason}"
             remaining = [s for s in remaining if s != f.site]
+            if f.aggregate_seen:
+                why = (f"the initiator {f.site} returned an aggregate that was rejected; a re-run without it would "
+                       "give the server two aggregates whose difference is that site's own update, so the round is "
+                       "skipped; the global model is kept")
+                log(f"{label}: attempt {attempt.index} failed at site {f.site} ({f.stage}): {f.reason}; {why}")
+                return outcome(None, why)
             next_step = (f"re-running with the {len(remaining)} other sites (fresh initiator, keys and mask)"
                          if len(remaining) >= min_sites else
                          f"only {len(remaining)} site(s) left (< {min_sites}): the round is skipped")
