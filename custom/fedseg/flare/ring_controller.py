@@ -18,11 +18,16 @@ partial sum). Per round:
 3. The initiator's ``csahe_finish`` reply (a WEIGHT_DIFF: ``sum_k w_k Delta_k``) is checked (finite, keys and shapes of
    the global model's float entries: :func:`fedseg.algorithms.fedgs.check_update`) and becomes the
    ``AGGREGATION_RESULT`` (``AFTER_AGGREGATION``), which the shareable generator applies (global + aggregate), as it
-   applies FedGSAggregator's result. When the ring fails for the round, one log line says which site failed, why,
-   and that the round is skipped; the result is an empty WEIGHT_DIFF, i.e. the global model is kept.
+   applies FedGSAggregator's result. A failed attempt is logged (which site, at which step, why) and re-run without
+   that site while >= ``min_ring_sites`` remain (a rejected *finished* aggregate is not re-run: see
+   :mod:`fedseg.algorithms.ring`); when the round cannot be aggregated, one log line says why and that the round is
+   skipped; the result is an empty WEIGHT_DIFF, i.e. the global model is kept.
 4. ``BEFORE/AFTER_SHAREABLE_TO_LEARNABLE``, persist (``BEFORE/AFTER_LEARNABLE_PERSIST``), ``ROUND_DONE`` with the
    same fl_ctx props as ScatterAndGather (``CURRENT_ROUND``, ``GLOBAL_MODEL``, ...), so the persistor, best-model
    keeper, test-centre evaluator, metrics recorder and final evaluation work unchanged.
+
+Every ring step is one task to one site, so the job sets FLARE's ``server.task_request_interval`` (how soon an idle
+site asks again for a task; 2 s by default) to 0.5 s (``SegJob.csahe_task_request_interval``).
 
 One log line per round gives the ring order, attempts, bytes relayed and seconds; ``<run_dir>/csahe_rounds.jsonl``
 gets one JSON record per round: participants, counts, attempts (order, weights, failed site, stage, reason, seconds,
