@@ -47,42 +47,48 @@ def _view_forward(model: torch.nn.Module, x: torch.Tensor, view: int) -> torch.T
 
 @torch.no_grad()
 def predict_volume(model: torch.nn.Module, cube: np.ndarray, offsets: Sequence[int], device: torch.device | str = "cpu",
-                   batch_size: int = 16, progress: Callable[[int], None] | None = None
+                   batch_size: int = 16, progress: Callable[[int], None] | None = None, return_probs: bool = True
                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Fused 3-D prediction of ``cube`` (float32 [D, H, W], preprocessed like the training data).
 
     Returns ``(fused uint8 [D, H, W], {"xy": p, "yz": p, "xz": p})`` with ``p`` the float32 probability volume of each
-    view in cube coordinates. ``progress(n)`` is called after every batch with the number of slices done in it. The
-    model is put in eval mode and restored to its previous mode afterwards.
+    view in cube coordinates (an empty dict with ``return_probs=False``, which saves 3 x 4 bytes per voxel: 1.5 GiB at
+    512^3). The cube goes to ``device`` once and slabs are gathered there. ``progress(n)`` is called after every batch
+    with the number of slices done in it. The model is put in eval mode and restored to its previous mode afterwards.
     """
     cube = np.asarray(cube, dtype=np.float32)
     if cube.ndim != 3:
         raise ValueError(f"predict_volume expects a 3-D cube [D, H, W], got shape {cube.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    offs = np.asarray(list(offsets), dtype=np.int64)
     device = torch.device(device)
+    offs = torch.as_tensor(list(offsets), dtype=torch.long, device=device)
+    vol = torch.from_numpy(np.ascontiguousarray(cube)).to(device)
     was_training = model.training
     model.eval()
+    votes = torch.zeros(cube.shape, dtype=torch.uint8, device=device)
     probs: dict[str, np.ndarray] = {}
     try:
         for v, (name, axis) in enumerate(zip(("xy", "yz", "xz"), VIEW_AXES)):
-            moved = np.moveaxis(cube, axis, 0)  # [n, a, b]: slice k of this view = moved[k]
+            moved = vol.movedim(axis, 0)  # [n, a, b]: slice k of this view = moved[k]
             n = moved.shape[0]
-            out = np.empty(moved.shape, dtype=np.float32)
+            out = torch.empty(moved.shape, dtype=torch.float32, device=device)
             for start in range(0, n, batch_size):
-                ks = np.arange(start, min(n, start + batch_size))
-                idx = np.clip(ks[:, None] + offs[None, :], 0, n - 1)
-                x = torch.from_numpy(np.ascontiguousarray(moved[idx])).to(device)  # [b, 5, a, b]
+                ks = torch.arange(start, min(n, start + batch_size), device=device)
+                idx = (ks[:, None] + offs[None, :]).clamp_(0, n - 1)  # edge replication at the cube's border
+                x = moved[idx.reshape(-1)].reshape(idx.shape + moved.shape[1:])  # [b, 5, a, b]
                 with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
                     logits = _view_forward(model, x, v)
-                out[ks] = torch.sigmoid(logits[:, 0].float()).cpu().numpy()
+                out[start:start + len(ks)] = torch.sigmoid(logits[:, 0].float())
                 if progress is not None:
                     progress(len(ks))
-            probs[name] = np.moveaxis(out, 0, axis)
+            p = out.movedim(0, axis)
+            votes += (p > 0.5).to(torch.uint8)
+            if return_probs:
+                probs[name] = p.cpu().numpy()
     finally:
         model.train(was_training)
-    fused = fuse_views([p > 0.5 for p in probs.values()])
+    fused = (votes >= 2).to(torch.uint8).cpu().numpy()
     return fused, probs
 
 

@@ -716,7 +716,7 @@ class Covid25DDataset(torch.utils.data.Dataset):
         sd, ss, sn = [], [], []
         for i, case in enumerate(self.cases):
             cube, truth = self.case_cube(i)
-            fused, _ = predict_volume(model, cube, self.prep.offsets, device, batch_size)
+            fused, _ = predict_volume(model, cube, self.prep.offsets, device, batch_size, return_probs=False)
             p, t = fused.astype(bool), truth.astype(bool)
             total = int(p.sum()) + int(t.sum())
             per_case[case.name] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
