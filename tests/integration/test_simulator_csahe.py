@@ -36,8 +36,8 @@ from nvflare.apis.filter import Filter
 
 
 class CorruptHop(Filter):
-    \"\"\"Test-only task-result filter: the named site's csahe_hop reply gets garbage ciphertext bytes (right header,
-    wrong payload), as a faulty or malicious ring member would return.\"\"\"
+    \"\"\"Test-only task-result filter: the named site's csahe_start / csahe_hop replies get garbage ciphertext bytes
+    (right header, wrong payload), as a faulty or malicious ring member would return.\"\"\"
 
     def __init__(self, site):
         super().__init__()
@@ -50,7 +50,7 @@ class CorruptHop(Filter):
         msgs = dxo.data.get("messages")
         if msgs:
             dxo.data["messages"] = [m[:48] + bytes(len(m) - 48) for m in msgs]
-            self.log_warning(fl_ctx, f"test filter: corrupted the csahe_hop reply of {self.site}")
+            self.log_warning(fl_ctx, f"test filter: corrupted the ring reply of {self.site}")
             return dxo.update_shareable(shareable)
         return shareable
 
@@ -82,7 +82,8 @@ def _simulate(tmp_path, data_cfg, corrupt_site=None):
         cfg_path = job_dir / "app/config/config_fed_client.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["task_result_filters"] = [
-            {"tasks": ["csahe_hop"], "filters": [{"path": "test_filters.CorruptHop", "args": {"site": corrupt_site}}]},
+            {"tasks": ["csahe_start", "csahe_hop"],
+             "filters": [{"path": "test_filters.CorruptHop", "args": {"site": corrupt_site}}]},
             {"tasks": ["csahe_finish"], "filters": [
                 {"path": "test_filters.DumpAggregate", "args": {"folder": str(tmp_path / "aggregates")}}]},
         ]
@@ -146,32 +147,31 @@ def test_csahe_job_runs_secure_rounds_and_writes_results(tiny_data, tmp_path):
     assert max(float(np.abs(v).max()) for v in change.values()) > 0  # the aggregates were applied
 
 
-def test_corrupted_hop_reruns_the_round_without_that_site(tiny_data, tmp_path):
-    """site-3's csahe_hop replies carry garbage ciphertexts: the server catches them under the public context, drops
-    site-3 for the round and re-runs the ring over the other three with a fresh initiator; no partial sum is applied."""
+def test_corrupted_ring_replies_rerun_the_round_without_that_site(tiny_data, tmp_path):
+    """site-3's csahe_start / csahe_hop replies carry garbage ciphertexts: the server catches them under the round's
+    public context, drops site-3 for the round and re-runs the ring over the other three with a fresh initiator;
+    no partial sum is applied."""
     _, cfg = tiny_data
     run_dir, log, records = _simulate(tmp_path, cfg, corrupt_site="site-3")
     assert "fedseg results:" in log
     assert [r["round"] for r in records] == [0, 1]
     for r in records:
         assert r["applied"] and r["private_context_received"] is False
-        attempts = r["attempts"]
-        assert attempts[-1]["ok"] and all(not a["ok"] for a in attempts[:-1])  # applied = a complete final ring
-        if len(attempts) == 2:  # site-3 was a hop member in attempt 1: it failed, and the ring re-ran without it
-            assert attempts[0]["failed_site"] == "site-3" and attempts[0]["stage"] == "hop"
-            assert "does not deserialize" in attempts[0]["reason"]
-            assert sorted(r["sites"]) == ["site-1", "site-2", "site-4"] and list(r["dropped"]) == ["site-3"]
-            assert sum(r["weights"].values()) == pytest.approx(1.0) and "site-3" not in r["weights"]
-        else:  # site-3 was the initiator (it never hops): a full ring of 4
-            assert attempts[0]["order"][0] == "site-3" and sorted(r["sites"]) == [f"site-{i}" for i in range(1, 5)]
-    assert any(len(r["attempts"]) == 2 for r in records) or all(r["attempts"][0]["order"][0] == "site-3"
-                                                                 for r in records)
-    n_reruns = sum(len(r["attempts"]) == 2 for r in records)
-    assert len(re.findall(r"attempt 1 failed at site site-3 \(hop\).*re-running with the 3 other sites", log)) == n_reruns
+        first, second = r["attempts"]  # site-3 fails wherever it stands in the ring (initiator: start; member: hop)
+        assert first["failed_site"] == "site-3" and not first["ok"] and second["ok"]
+        assert first["stage"] == ("start" if first["order"][0] == "site-3" else "hop")
+        assert "does not deserialize" in first["reason"]
+        assert sorted(second["order"]) == sorted(r["sites"]) == ["site-1", "site-2", "site-4"]
+        assert list(r["dropped"]) == ["site-3"] and "site-3" not in r["weights"]
+        assert sum(r["weights"].values()) == pytest.approx(1.0)
+        # the failed attempt's ciphertexts were never finished: the only finish is the complete ring's
+        assert [g["attempt"] for g in r["relay"] if g["kind"] == "finish" and g["direction"] == "sent"] == [2]
+    assert len(re.findall(r"attempt 1 failed at site site-3 \((start|hop)\).*re-running with the 3 other sites",
+                          log)) == 2
     # the server applied exactly the complete rings' aggregates: one finish per round (failed attempts never reach
     # theirs), and final - initial global model == their sum
     dumps = sorted(p.name for p in (tmp_path / "aggregates").iterdir())
-    assert dumps == sorted(f"round{r['round']}_attempt{len(r['attempts'])}.npz" for r in records)
+    assert dumps == sorted(f"round{r['round']}_attempt2.npz" for r in records)
     change = _global_model_change(run_dir)
     applied = {k: sum(np.load(tmp_path / "aggregates" / d)[k].astype(np.float64) for d in dumps) for k in change}
     assert max(float(np.abs(change[k] - applied[k]).max()) for k in change) < 1e-6
