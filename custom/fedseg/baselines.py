@@ -315,7 +315,7 @@ def markdown(result: BaselineResult) -> str:
         n_train = m.get("n_train", m.get("n_train_site", "?"))
         counts = f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
         if "n_slices" in m:  # volumetric evaluation (covid): n = cases, small / large = axial slices
-            counts = f"{m.get('n', '?')} cases ({m.get('n_small', '?')} / {m.get('n_large', '?')} slices)"
+            counts = f"{m.get('n', '?')} case(s) ({m.get('n_small', '?')} / {m.get('n_large', '?')} slices)"
         lines.append(f"| {site} | " + " | ".join(_fmt(m.get(k)) for k, _ in METRICS) + f" | {counts} | {n_train} |")
     lines.append(f"| mean over {len(result.sites)} sites | "
                  + " | ".join(_fmt(mean_over_sites(result.sites, k)) for k, _ in METRICS) + " | - | - |")
