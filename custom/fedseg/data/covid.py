@@ -644,17 +644,17 @@ class Covid25DDataset(torch.utils.data.Dataset):
         self.prep = prep
         self.site, self.centre, self.part, self.origin = site, centre, part, origin
         s = prep.volume_size
-        sc, sk = [], []
+        sc, sk, sn = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for ci, c in enumerate(cases):
             lung = np.asarray(c.record["lung_axial"], np.float64)
             inf = np.stack([np.asarray(c.record["infection"][v], np.int64) for v in VIEWS])  # [3, S]
             keep = np.flatnonzero((lung >= prep.min_lung_fraction) | (inf > 0).any(axis=0))
             sc.append(np.full(keep.size, ci, np.int64))
             sk.append(keep)
-        self.sample_case = np.concatenate(sc) if sc else np.zeros(0, np.int64)
-        self.sample_index = np.concatenate(sk) if sk else np.zeros(0, np.int64)
-        counts = np.array([cases[c].record["infection"]["xy"][k] for c, k in zip(self.sample_case, self.sample_index)],
-                          dtype=np.int64)
+            sn.append(inf[0, keep])  # axial (xy) infection pixels of the central slice
+        self.sample_case = np.concatenate(sc)
+        self.sample_index = np.concatenate(sk)
+        counts = np.concatenate(sn)
         _, small, delta = lits_difficulty_from_counts(counts, s, s, base=prep.base, tau=prep.tau)
         self.delta = delta.astype(np.float32)
         self.small = np.asarray(small, bool)
