@@ -542,6 +542,21 @@ def test_data_synth_covid_cli(tmp_path, capsys):
     assert "covid only" in capsys.readouterr().err
 
 
+def test_data_scan_covid_cli(tiny, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert main(["data", "scan", "covid", "--root", str(tiny), "--volume-size", "24", "--fold", "2",
+                 "--sites", "site-2", "site-4", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["site"], r["part"]): r for r in summary["groups"]}
+    assert set(rows) == {(s, p) for s in ("site-2", "site-4") for p in ("train", "val", "test")}
+    assert rows[("site-4", "train")]["hospital"] == "D" and rows[("site-4", "test")]["slice_mm"] == [7.5]
+    assert sum(rows[("site-2", p)]["cases"] for p in ("train", "val", "test")) == 5
+    ds = load_covid_site(_src(tiny), "site-2", "val", CovidPreprocessing(volume_size=24, fold=2))
+    assert rows[("site-2", "val")]["samples"] == len(ds) and rows[("site-2", "val")]["small"] == int(ds.small.sum())
+    assert "| site-4 | D | train | 3 |" in capsys.readouterr().out
+    assert main(["data", "scan", "covid", "--root", str(tiny), "--mask-threshold", "3"]) == 2
+
+
 def test_resample_mask_round_trip():
     m = np.zeros((30, 20, 10), np.uint8)
     m[5:25, 4:16, 2:8] = 1

@@ -11,6 +11,7 @@ Examples::
     fedseg data scan --root /data/LiTS --split paper --out scan_lits
     fedseg data scan --data-config local/fedseg_data.json --sites site-1 site-2
     fedseg data scan polypgen --root /data/PolypGen2021_MultiCenterData_v3 --out scan_polypgen
+    fedseg data scan covid --root /data/covid --volume-size 64 --fold 0 --out scan_covid
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def register(subparsers: Any) -> None:
                                       "folds) and of the test centre, and write inverse_area_<site>.png (log x-axis, "
                                       "tau marked; FedGS supplementary Fig. 1; PolypGen: H*W / area of the smallest "
                                       "polyp), summary.json and summary.md.")
-    scan.add_argument("dataset", nargs="?", choices=("lits", "polypgen"), default="lits",
+    scan.add_argument("dataset", nargs="?", choices=("lits", "polypgen", "covid"), default="lits",
                       help="data set (default: lits)")
     where = scan.add_mutually_exclusive_group()
     where.add_argument("--data-config", type=Path, default=None,
@@ -90,6 +91,9 @@ def register(subparsers: Any) -> None:
                       help="small threshold on a_inv (default: lits 1000, polypgen 150)")
     scan.add_argument("--base", type=float, default=None, help="difficulty log base (default: lits 1000, "
                                                                 "polypgen 100)")
+    scan.add_argument("--volume-size", type=int, default=64,
+                      help="covid: cube side of the preprocessing (data_args volume_size, default 64)")
+    scan.add_argument("--fold", type=int, default=0, help="covid: fold of the automatic 5-fold split (default 0)")
     scan.add_argument("--out", type=Path, default=Path("fedseg_scan"), help="output folder (default ./fedseg_scan)")
     scan.set_defaults(func=run_scan)
 
@@ -144,6 +148,8 @@ def _scan_sources(args: argparse.Namespace, dataset: str) -> Callable[[str], Dat
 
 
 def run_scan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    if args.dataset == "covid":
+        return _run_scan_covid(args, out)
     if args.dataset == "polypgen":
         return _run_scan_polypgen(args, out)
     if args.mask_threshold is not None:
@@ -292,4 +298,46 @@ def _run_synth_covid(args: argparse.Namespace, out: TextIO | None = None) -> int
               f"{kinds.count('large')} | {100.0 * inf / vox:.2f} |", file=out)
     print("no split.json: the reader splits each hospital into 5 folds (data_args \"fold\"); sites site-1..site-5 "
           "hold hospitals A..E", file=out)
+    return 0
+
+
+def _run_scan_covid(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Per site and part: hospital, cases, 2.5D samples, samples with infection and small ones (LiTS rule on the
+    axial cube slice), and the scanners' slice thicknesses; writes summary.json and summary.md."""
+    from fedseg.data.covid import CovidPreprocessing, load_covid_site, resolve_covid
+    from fedseg.difficulty import LITS_BASE, LITS_TAU
+
+    out = sys.stdout if out is None else out
+    for opt in ("min_tumour_pixels", "mask_threshold"):
+        if getattr(args, opt) is not None:
+            raise ConfigError(f"--{opt.replace('_', '-')} does not apply to covid")
+    prep = CovidPreprocessing(volume_size=args.volume_size, fold=args.fold,
+                              base=LITS_BASE if args.base is None else args.base,
+                              tau=LITS_TAU if args.tau is None else args.tau)
+    source_for = _scan_sources(args, "covid")
+    first = source_for(args.sites[0] if args.sites else "scan")
+    _, _, split0 = resolve_covid(first, prep.fold, progress=True)
+    rows = []
+    for site in list(args.sites) if args.sites else list(split0.sites):
+        src = source_for(site)
+        parts = ("train", "val") if args.no_test else ("train", "val", "test")
+        for part in parts:
+            ds = load_covid_site(src, site, part, prep, progress=True)
+            spacing = [c.record["spacing_mm"][2] for c in ds.cases]
+            rows.append({"site": site, "hospital": ds.centre, "part": part, "cases": len(ds.cases),
+                         "samples": len(ds), "with_infection": int(ds.nonempty.sum()), "small": int(ds.small.sum()),
+                         "slice_mm": sorted({round(float(z), 3) for z in spacing})})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps({"dataset": "covid", "source": first.origin,
+                                                       "split": split0.source, "prep": prep.to_json(),
+                                                       "groups": rows}, indent=1), encoding="utf-8")
+    head = "| site | hospital | part | cases | samples | with infection | small | slice mm |\n|---|---|---|---|---|---|---|---|"
+    lines = [head] + [f"| {r['site']} | {r['hospital']} | {r['part']} | {r['cases']} | {r['samples']} | "
+                      f"{r['with_infection']} | {r['small']} | {', '.join(f'{t:g}' for t in r['slice_mm'])} |"
+                      for r in rows]
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"scanned {first.origin} ({split0.source}; cube {prep.volume_size}^3, small = a_inv >= {prep.tau:g} on the "
+          f"axial slice):", file=out)
+    print("\n".join(lines), file=out)
+    print(f"wrote summary.json, summary.md to {Path(args.out).resolve()}", file=out)
     return 0
