@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "report_cmd",
     "baseline_cmd",
     "predict_cmd",
+    "attack_cmd",
 )
 
 
