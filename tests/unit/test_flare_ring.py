@@ -278,3 +278,11 @@ def test_executor_validate_uses_the_held_out_part_and_adds_personalized_metrics(
     out = from_shareable(ex2._validate(model, FLContext())).data
     assert out["part"] == "test" and loads == ["test"] and "personalized" not in out
     assert ex2.trainer.calls[0][1] != "VAL"  # evaluated on the test part, not on the validation data
+
+
+def test_public_metrics_keep_per_image_and_per_case_detail_at_the_site():
+    from fedseg.flare.executor import public_metrics
+
+    summary = {"dice": 0.5, "dice_s": None, "n": 2, "per_image_dice": [0.4, 0.6],
+               "per_case_dice": {"A000069": 0.4, "A000075": 0.6}}
+    assert public_metrics(summary) == {"dice": 0.5, "dice_s": None, "n": 2}

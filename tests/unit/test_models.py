@@ -245,7 +245,7 @@ def test_registry_builds_utnet():
 
 
 def test_registry_unknown_name_lists_known_models():
-    assert available_models() == ["sd_utnet", "unet", "utnet"]
+    assert available_models() == ["sd_utnet", "unet", "unet25d", "utnet"]
     with pytest.raises(ConfigError) as err:
         get_model("transunet")
     msg = str(err.value)

@@ -50,14 +50,16 @@ PERSONALIZED = "personalized"
 
 def held_out_part(dataset: str) -> str:
     """The part a site's final evaluation uses: "test" when the dataset gives every site one, else "val"."""
-    parts_of = getattr(sitedata, "site_parts", None)  # added with the COVID data; ("train", "val") before
-    parts = tuple(parts_of(dataset)) if parts_of is not None else ("train", "val")
-    return "test" if "test" in parts else "val"
+    return "test" if "test" in sitedata.site_parts(dataset) else "val"
+
+
+#: per-image / per-case detail that stays at the site (case names are local identifiers)
+PRIVATE_METRIC_KEYS = ("per_image_dice", "per_case_dice")
 
 
 def public_metrics(summary: dict) -> dict:
-    """The summary without per-image arrays (what leaves the site)."""
-    return {k: v for k, v in summary.items() if k != "per_image_dice"}
+    """The summary without per-image or per-case entries (what leaves the site): aggregate metrics only."""
+    return {k: v for k, v in summary.items() if k not in PRIVATE_METRIC_KEYS}
 
 
 class SegmentationTrainer(Executor):
