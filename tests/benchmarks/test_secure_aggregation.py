@@ -83,6 +83,15 @@ def _max_abs_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(np.asarray(a[k], dtype=np.float64).ravel() - np.asarray(b[k]).ravel()))) for k in b)
 
 
+def _tolerance(k: int, reference: dict) -> float:
+    """CKKS error bound of a K-site ring sum plus the float32 rounding of the unpacked result (real updates hold
+    BatchNorm statistics of order 1, where one float32 ulp is ~1e-7)."""
+    from fedseg.algorithms import csahe
+
+    peak = max(float(np.max(np.abs(v))) for v in reference.values())
+    return csahe.error_bound(k, SIGMA, peak) + float(np.finfo(np.float32).eps) * peak
+
+
 class _Clock:
     """Seconds per (party, phase), wall and CPU of this process: ``with clock(party, phase): ...``.
 
@@ -205,7 +214,7 @@ def csahe_hop_core(updates: dict, counts: dict, reps: int = 1) -> tuple[float, f
     got = initiator.finish(out)
     want = _plain_mean({s: updates[s] for s in sites[:2]}, {s: counts[s] for s in sites[:2]})
     want = {k: want[k] * (sum(counts[s] for s in sites[:2]) / sum(counts.values())) for k in want}
-    assert _max_abs_diff(got, want) < csahe.error_bound(2, SIGMA, 1.0)
+    assert _max_abs_diff(got, want) < _tolerance(2, want)
     return statistics.median(enc_t), statistics.median(core_t)
 
 
@@ -566,7 +575,6 @@ def test_secure_aggregation_csahe_vs_flare_he_vs_plaintext():
 
 def test_csahe_round_overhead_at_quick_job_scale():
     """(CSAHE critical path - plaintext aggregation) / (slowest site's local round + plaintext aggregation), K = 4."""
-    from fedseg.algorithms import csahe
     from fedseg.algorithms.fedgs import aggregate_updates
     from fedseg.models import get_model
     from fedseg.sitedata import augmenter, load_site_data
@@ -607,7 +615,7 @@ def test_csahe_round_overhead_at_quick_job_scale():
     for _ in range(3):
         result, clock, log, _ = csahe_round(updates, steps)
         rings.append(clock)
-        assert _max_abs_diff(result, plain) < csahe.error_bound(4, SIGMA, 1.0) + 1e-6
+        assert _max_abs_diff(result, plain) < _tolerance(4, plain)
     best = min(rings, key=lambda c: c.total())
     t_ring = best.total()
     round_plain = train_s[slowest] + t_plain
