@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def predict_masks(model: torch.nn.Module, data, device: torch.device, batch_size
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> Dict[str, Any]:
+def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> dict[str, Any]:
     """Per-image foreground Dice of thresholded predictions, summarised as Dice / DiceS / DiceL (DESIGN.md 2)."""
     model.eval()
     n = len(data.delta)
@@ -56,6 +56,13 @@ def evaluate_model(model: torch.nn.Module, data, device: torch.device, batch_siz
     return summary
 
 
+def evaluate_dataset(model: torch.nn.Module, data, device: torch.device, batch_size: int = 16) -> dict[str, Any]:
+    """Metrics of ``model`` on ``data``: the dataset's own ``evaluate`` hook when it has one (e.g. the COVID 2.5D
+    data: volumetric Dice of the fused 3-D prediction per case), else :func:`evaluate_model` (per-image 2-D Dice)."""
+    if hasattr(data, "evaluate"):
+        return data.evaluate(model, device, batch_size)
+    return evaluate_model(model, data, device, batch_size)
+
 
 def write_prediction_overlays(model: torch.nn.Module, data, device: torch.device, per_image_dice: np.ndarray,
                               out_png: Path, n: int = 8) -> Path | None:
@@ -67,7 +74,9 @@ def write_prediction_overlays(model: torch.nn.Module, data, device: torch.device
     small_idx, large_idx = nonempty[small[nonempty]], nonempty[~small[nonempty]]
     n_small = min(len(small_idx), max(n // 2, n - len(large_idx)))
     # evenly spaced picks so the figure spans the whole set, not one volume
-    pick = lambda pool, k: pool[np.linspace(0, len(pool) - 1, k).round().astype(int)] if k > 0 else pool[:0]  # noqa: E731
+    def pick(pool, k):
+        return pool[np.linspace(0, len(pool) - 1, k).round().astype(int)] if k > 0 else pool[:0]
+
     idx = np.unique(np.concatenate([pick(small_idx, n_small), pick(large_idx, min(len(large_idx), n - n_small))]))
     if idx.size == 0:
         return None

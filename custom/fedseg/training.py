@@ -51,7 +51,7 @@ from fedseg.algorithms.fedgs import FedGSAccumulator, model_update
 from fedseg.algorithms.perfedavg import MAX_ADAPTATION_STEPS, local_adaptation, perfedavg_step
 from fedseg.difficulty import batch_eta
 from fedseg.errors import ConfigError
-from fedseg.evaluation import evaluate_model, image_batch, mask_batch, predict_masks  # noqa: F401  (re-exported)
+from fedseg.evaluation import evaluate_dataset, evaluate_model, image_batch, mask_batch, predict_masks  # noqa: F401  (re-exported)
 from fedseg.losses import SoftDiceLoss
 
 log = logging.getLogger(__name__)
@@ -363,10 +363,8 @@ class LocalTrainer:
         """Dice / DiceS / DiceL of ``state`` (or the current model) on ``data`` (``data.evaluate`` when present)."""
         if state is not None:
             load_state(self.model, state)
-        if hasattr(data, "evaluate"):
-            self.model.eval()
-            return data.evaluate(self.model, self.device, self.cfg.eval_batch_size)
-        return evaluate_model(self.model, data, self.device, self.cfg.eval_batch_size)
+        self.model.eval()
+        return evaluate_dataset(self.model, data, self.device, self.cfg.eval_batch_size)
 
 
 class _BatchLoss(torch.nn.Module):

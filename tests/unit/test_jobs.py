@@ -176,7 +176,7 @@ def test_bad_csahe_settings_are_refused():
         replace(JOBS["fedgs_lits_csahe"], csahe_weighting="images")
 
 
-@pytest.mark.parametrize("name", ["fedgs_lits_csahe", "fedgs_lits"])
+@pytest.mark.parametrize("name", ["fedgs_lits_csahe", "fedgs_lits", "pppml_covid", "fedavg_covid"])
 def test_exported_classes_accept_their_arguments(name):
     """Every class named in the exported job can be built with exactly the exported arguments."""
     import importlib
@@ -190,3 +190,30 @@ def test_exported_classes_accept_their_arguments(name):
         module, _, cls = spec["path"].rpartition(".")
         obj = getattr(importlib.import_module(module), cls)(**spec["args"])
         assert obj is not None
+
+
+@pytest.mark.parametrize("name", ["pppml_covid_paper", "fedavg_covid_paper"])
+def test_covid_paper_jobs_carry_the_pppml_paper_settings(name):
+    """PPPML-HMI section III-A: K = 20 rounds, tau = 10 local epochs, batch 64, learning rate 1e-4, 5 sites; the
+    512^3 standard space, offsets -5, -2, 0, 2, 5 mm and the 2.5D U-Net."""
+    args = _client_args(REPO / "jobs" / name)
+    wf = _server(REPO / "jobs" / name)["workflows"][0]["args"]
+    assert wf["num_rounds"] == 20 and wf["min_clients"] == 5
+    assert args["local_epochs"] == 10 and args["batch_size"] == 64
+    assert args["dataset"] == "covid" and args["model"] == "unet25d" and args["in_channels"] == 5
+    assert args["data_args"] == {"volume_size": 512, "offsets": "paper"}
+    if name == "pppml_covid_paper":
+        assert args["algorithm"] == "perfedavg" and args["perfedavg_variant"] == "hf" and args["beta"] == 1e-4
+        assert 0 < args["adaptation_steps"] < 5 and args["secure_aggregation"] == "csahe"
+        assert wf["weighting"] == "samples"  # w_k = n_k / sum n
+    else:
+        assert args["lr"] == 1e-4 and "algorithm" not in args and "secure_aggregation" not in args
+
+
+def test_pppml_covid_quick_and_fedavg_covid_share_data_model_and_rounds():
+    p, f = JOBS["pppml_covid"], JOBS["fedavg_covid"]
+    same = ("dataset", "data_args", "model", "model_args", "in_channels", "num_rounds", "local_epochs", "batch_size",
+            "min_clients", "seed")
+    assert {k: getattr(p, k) for k in same} == {k: getattr(f, k) for k in same}
+    assert (p.algorithm, p.secure_aggregation) == ("perfedavg", "csahe")
+    assert (f.algorithm, f.secure_aggregation) == ("sgd", "none")

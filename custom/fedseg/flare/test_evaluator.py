@@ -13,7 +13,7 @@ gained; ``every_n_rounds`` > 0 also evaluates after every n-th round (a test-cen
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
@@ -38,8 +38,8 @@ def _is_simulation(fl_ctx: FLContext) -> bool:
 class TestCentreEvaluator(FLComponent):
     __test__ = False  # not a pytest class
 
-    def __init__(self, dataset: str = "lits", data_args: Optional[dict] = None, model: str = "utnet",
-                 model_args: Optional[dict] = None, in_channels: int = 1, num_classes: int = 1,
+    def __init__(self, dataset: str = "lits", data_args: dict | None = None, model: str = "utnet",
+                 model_args: dict | None = None, in_channels: int = 1, num_classes: int = 1,
                  test_data: str = "auto", every_n_rounds: int = 0, device: str = "auto", eval_batch_size: int = 16):
         super().__init__()
         if test_data not in ("auto", "off"):
@@ -52,9 +52,9 @@ class TestCentreEvaluator(FLComponent):
         self._data = None
         self._model = None
         self._device = None
-        self.unavailable_reason: Optional[str] = None
-        self.initial: Optional[Dict[str, Any]] = None
-        self.by_round: Dict[int, Dict[str, Any]] = {}
+        self.unavailable_reason: str | None = None
+        self.initial: dict[str, Any] | None = None
+        self.by_round: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ data
     def _ensure_data(self, fl_ctx: FLContext) -> bool:
@@ -94,19 +94,20 @@ class TestCentreEvaluator(FLComponent):
                       f"from {source.root or 'built-in synthetic data'}, loaded in {time.perf_counter() - t0:.1f} s")
         return True
 
-    def evaluate(self, weights: Dict[str, Any], fl_ctx: FLContext, overlays_png: Optional[str] = None
-                 ) -> Optional[Dict[str, Any]]:
+    def evaluate(self, weights: dict[str, Any], fl_ctx: FLContext, overlays_png: str | None = None
+                 ) -> dict[str, Any] | None:
         """Dice / DiceS / DiceL of ``weights`` on the test centre (None when the server has no test data);
         with ``overlays_png`` also a figure of predictions on small and large lesions."""
         if not self._ensure_data(fl_ctx):
             return None
-        from fedseg.evaluation import evaluate_model, write_prediction_overlays
+        from fedseg.evaluation import evaluate_dataset, write_prediction_overlays
         from fedseg.training import load_state
 
         load_state(self._model, weights)
-        summary = evaluate_model(self._model, self._data, self._device, self.eval_batch_size)
-        per_image = summary.pop("per_image_dice")
-        if overlays_png:
+        summary = evaluate_dataset(self._model, self._data, self._device, self.eval_batch_size)
+        per_image = summary.pop("per_image_dice", None)
+        summary.pop("per_case_dice", None)
+        if overlays_png and per_image is not None and not hasattr(self._data, "evaluate"):  # 2-D slice overlays
             write_prediction_overlays(self._model, self._data, self._device, per_image, overlays_png)
         return summary
 
