@@ -23,8 +23,9 @@ random permutation of the site's n training samples, cut into consecutive groups
 epoch. The last group of an epoch, with r < k * batch_size samples, is split into k consecutive near-equal chunks
 (sizes differ by at most 1) when r >= k, and is left out of that epoch when r < k (at most k - 1 samples; they are
 in other places of the next epoch's permutation). So an epoch has ``n // (k*b) + (1 if n % (k*b) >= k else 0)``
-meta-steps; ``max_steps_per_round`` caps the meta-steps of a round. Each batch is augmented (independently) as in
-the AdamW path. The round's update has the same WEIGHT_DIFF convention: ``w_T - w_0`` for parameters (``-G`` with
+meta-steps; ``max_steps_per_round`` caps the meta-steps of a round. (Algorithm 1 of PPPML-HMI writes one meta-step
+per "local epoch" t; that literal reading is ``max_steps_per_round = tau`` with enough ``local_epochs``.) Each batch
+is augmented (independently) as in the AdamW path. The round's update has the same WEIGHT_DIFF convention: ``w_T - w_0`` for parameters (``-G`` with
 eta = 1) and ``b_local - b_global`` for float buffers; ``RoundResult.steps`` is the number of meta-steps. Per-FedAvg
 runs in float32 without autocast even when ``amp`` is on (the HF variant needs a double backward, and the meta-step
 has no loss scaler). ``aggregation="fedgs"`` is refused with Per-FedAvg: neither paper defines eta weighting of
