@@ -5,16 +5,18 @@ import secrets
 import numpy as np
 import pytest
 import tenseal as ts
-
 from fedseg.algorithms.csahe import (
     SLOTS,
     CSAHEError,
     Initiator,
     PackSpec,
+    Prepared,
     error_bound,
     member_hop,
+    member_prepare,
     message_payload,
     ring_order,
+    round_tag,
     run_ring,
     sample_weights,
 )
@@ -38,17 +40,17 @@ def _max_err(result, expected):
     return max(float(np.max(np.abs(result[n].astype(np.float64) - expected[n]))) for n in expected)
 
 
-@pytest.mark.parametrize("k", [3, 5])
-@pytest.mark.parametrize("sigma", [1e2, 1e4])
-def test_ring_sum_matches_plain_weighted_sum_within_bound(k, sigma):
+@pytest.mark.parametrize("k, sigma, prepare", [(3, 1e2, True), (3, 1e4, True), (5, 1e2, True), (5, 1e4, True),
+                                               (3, 1e4, False), (5, 1e2, False)])
+def test_ring_sum_matches_plain_weighted_sum_within_bound(k, sigma, prepare):
     rng = np.random.default_rng(k)
     updates = _updates(k, rng)  # 4,783 values -> 2 ciphertexts per site
     counts = {s: int(rng.integers(10, 200)) for s in updates}
-    result = run_ring(updates, counts, sigma=sigma)
+    result = run_ring(updates, counts, sigma=sigma, prepare=prepare)
     expected = _plain_sum(updates, counts)
     max_abs = max(float(np.max(np.abs(v))) for u in updates.values() for v in u.values())
     err, bound = _max_err(result, expected), error_bound(k, sigma, max_abs)
-    print(f"\nCSAHE K={k} sigma={sigma:g}: max error {err:.3g} (bound {bound:.3g})")
+    print(f"\nCSAHE K={k} sigma={sigma:g} prepare={prepare}: max error {err:.3g} (bound {bound:.3g})")
     assert err < bound
     for n, v in expected.items():
         assert result[n].shape == v.shape and result[n].dtype == np.float64
@@ -87,7 +89,8 @@ def test_server_never_sees_a_secret_key_or_plaintext():
     kinds = {m.kind for m in log}
     assert kinds == {"public_context", "ciphertext"}
     contexts = [m for m in log if m.kind == "public_context"]
-    assert len(contexts) == 3 and len({m.data for m in contexts}) == 1
+    # 3 hops carry it, and the prepare step sends it to the 2 members after the first (pre-encryption)
+    assert len(contexts) == 5 and len({m.data for m in contexts}) == 1
     ctx = ts.context_from(contexts[0].data)
     assert not ctx.is_private() and ctx.is_public()
     plain_bytes = [v.tobytes() for u in updates.values() for v in u.values()]
@@ -241,3 +244,87 @@ def test_error_bound_grows_with_sites_and_mask():
     assert error_bound(5, 1e2, 0.1) > error_bound(3, 1e2, 0.1)
     assert error_bound(3, 3e4, 0.1) > error_bound(3, 1e2, 0.1)
     assert 1e-8 < error_bound(3, 1e4, 0.1) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- pre-encryption
+
+
+def _decrypt(initiator, messages):
+    """What the initiator's secret key reads from a message set (test-only: the mask is still in it)."""
+    return np.concatenate([np.asarray(ts.ckks_vector_from(initiator.keys.context, message_payload(m)).decrypt())
+                           for m in messages])
+
+
+def test_prepared_hop_equals_unprepared_hop():
+    rng = np.random.default_rng(11)
+    upd = _updates(3, rng)
+    w = {"site-0": 0.2, "site-1": 0.5}
+    ini = Initiator("site-0", upd["site-0"], w["site-0"], sigma=1e3)
+    pub, msgs = ini.public_context_bytes(), ini.start()
+    prepared = member_prepare("site-1", pub, upd["site-1"], w["site-1"])
+    assert isinstance(prepared, Prepared) and prepared.count == 2 and not prepared.used
+    assert prepared.round_tag == round_tag(pub) and prepared.weight == 0.5
+    assert "site-1" in repr(prepared) and "2 ciphertexts" in repr(prepared)
+    with_prep = member_hop("site-1", pub, msgs, upd["site-1"], w["site-1"], prepared=prepared)
+    assert prepared.used  # one hop takes it
+    without = member_hop("site-1", pub, msgs, upd["site-1"], w["site-1"])
+    # same wire format (header: tag, layout, index/count), fresh ciphertexts (each encryption draws its own noise)
+    assert [m[:48] for m in with_prep] == [m[:48] for m in without] and with_prep[0] != without[0]
+    spec = PackSpec.from_update(upd["site-1"])
+    a, b = _decrypt(ini, with_prep)[:spec.size], _decrypt(ini, without)[:spec.size]
+    bound = error_bound(2, 1e3, 0.05)
+    assert float(np.max(np.abs(a - b))) < 2 * bound  # both are Enc(w0 U0 + R + w1 U1); only CKKS noise differs
+    # and the prepared path's sum is right: finish removes R, the result is the weighted sum of the two sites
+    out = ini.finish(with_prep)
+    expected = {n: w["site-0"] * upd["site-0"][n] + w["site-1"] * upd["site-1"][n] for n in upd["site-0"]}
+    assert _max_err(out, expected) < bound
+
+
+def test_prepared_ciphertexts_of_another_round_weight_or_site_are_refused_never_mixed():
+    rng = np.random.default_rng(12)
+    upd = _updates(3, rng)
+    r1 = Initiator("site-0", upd["site-0"], 1 / 3, sigma=1e2)
+    r2 = Initiator("site-0", upd["site-0"], 1 / 3, sigma=1e2)  # a re-run: fresh initiator keys
+    pub1, pub2 = r1.public_context_bytes(), r2.public_context_bytes()
+    msgs2 = r2.start()
+    old = member_prepare("site-1", pub1, upd["site-1"], 1 / 3)
+    with pytest.raises(CSAHEError, match="site-1.*another round's context.*never added"):
+        member_hop("site-1", pub2, msgs2, upd["site-1"], 1 / 3, prepared=old)
+    assert old.used  # the refused ciphertexts are discarded, not kept for later
+    with pytest.raises(CSAHEError, match="already used or discarded"):
+        old.take()
+    # weight, layout, site and reuse
+    cases = [
+        (member_prepare("site-1", pub2, upd["site-1"], 0.25), "site-1", upd["site-1"], 1 / 3, "weight 0.25"),
+        (member_prepare("site-2", pub2, upd["site-2"], 1 / 3), "site-1", upd["site-1"], 1 / 3, "site site-2's"),
+        (member_prepare("site-1", pub2, {k: v[..., :1] for k, v in upd["site-1"].items()}, 1 / 3), "site-1",
+         upd["site-1"], 1 / 3, "another parameter layout"),
+    ]
+    for prepared, site, update, weight, why in cases:
+        with pytest.raises(CSAHEError, match=why):
+            member_hop(site, pub2, msgs2, update, weight, prepared=prepared)
+        assert prepared.used
+    used = member_prepare("site-1", pub2, upd["site-1"], 1 / 3)
+    member_hop("site-1", pub2, msgs2, upd["site-1"], 1 / 3, prepared=used)
+    with pytest.raises(CSAHEError, match="already used"):
+        member_hop("site-1", pub2, msgs2, upd["site-1"], 1 / 3, prepared=used)
+    # the same refusals as a hop when preparing: a context holding a secret key, a NaN update
+    with pytest.raises(CSAHEError, match="secret key"):
+        member_prepare("site-1", r2.keys.context.serialize(save_secret_key=True), upd["site-1"], 1 / 3)
+    with pytest.raises(UpdateRejected, match="NaN"):
+        member_prepare("site-1", pub2, {**upd["site-1"], "layer2.weight": np.full(7, np.nan)}, 1 / 3)
+
+
+def test_prepared_ciphertexts_encrypt_the_weighted_update_under_that_context_only():
+    rng = np.random.default_rng(13)
+    upd = _updates(3, rng)
+    ini = Initiator("site-0", upd["site-0"], 0.5, sigma=1e2)
+    prepared = member_prepare("site-1", ini.public_context_bytes(), upd["site-1"], 0.25)
+    context, vectors = prepared.take()
+    assert not context.is_private()
+    with pytest.raises(ValueError):
+        vectors[0].decrypt()  # the member cannot read its own ciphertexts back
+    got = np.concatenate([np.asarray(ts.ckks_vector_from(ini.keys.context, v.serialize()).decrypt())
+                          for v in vectors])
+    spec = PackSpec.from_update(upd["site-1"])
+    assert float(np.max(np.abs(got - 0.25 * spec.pack(upd["site-1"])))) < error_bound(1, 1e2, 0.05)

@@ -16,6 +16,14 @@ Round
 4. Each member calls ``member_hop(site, public_context, messages, update, weight)`` -> messages of
    Enc(running sum + w_j * Delta_j). A message made under another round's context, a wrong count, a layout that differs
    from the initiator's or bytes that are no ciphertext raise ``CSAHEError`` naming the site and the hop.
+   Pre-encryption (takes the member's own encryption off the ring's critical path): as soon as the round's public
+   context exists, a member may call ``member_prepare(site, public_context, update, weight)`` -> ``Prepared``: its
+   weighted update encrypted under that context, kept at the site (never serialized, never sent), bound to the round
+   tag, the layout digest and the weight. ``member_hop(..., prepared=p)`` then only deserializes the running sum,
+   adds p's ciphertexts and serializes (0.07 instead of 0.65 s at 934,543 values). A ``Prepared`` is used by one hop
+   at most (``take`` empties it) and is refused (``CSAHEError``) by a hop of another round tag (another context: a
+   re-run always has a fresh initiator and context), of another layout or with another weight: a ciphertext is never
+   added under a context it was not made for. Fresh randomness either way: each encryption draws its own.
 5. ``Initiator.finish(messages)`` decrypts, subtracts R and unpacks ``sum_k w_k * Delta_k`` (``sample_weights``:
    w_k = n_k / sum n). The mask is discarded after ``finish``: a round can be finished once.
 
@@ -87,10 +95,12 @@ __all__ = [
     "CSAHEError",
     "Initiator",
     "PackSpec",
+    "Prepared",
     "RelayMessage",
     "RoundKeys",
     "error_bound",
     "member_hop",
+    "member_prepare",
     "message_header",
     "message_payload",
     "ring_order",
@@ -494,6 +504,63 @@ class Initiator:
         return self.spec.unpack(total)
 
 
+class Prepared:
+    """A member's own weighted update, encrypted ahead of its hop under one round's public context.
+
+    Made by :func:`member_prepare`; stays at the site (it is never serialized or sent). Bound to ``round_tag`` (sha256
+    of the public context it was encrypted under), ``layout`` (the update's PackSpec digest) and ``weight``; one
+    :func:`member_hop` uses it (``take`` empties it: a second use, or a use after ``discard``, is a ``CSAHEError``).
+    Holds ``count`` deserialized ciphertexts (about 0.26 MB each in memory) until then."""
+
+    def __init__(self, site: str, round_tag: bytes, layout: bytes, weight: float, context: ts.Context,
+                 vectors: list[ts.CKKSVector]) -> None:
+        self.site = site
+        self.round_tag = round_tag
+        self.layout = layout
+        self.weight = float(weight)
+        self.count = len(vectors)
+        self._context: ts.Context | None = context
+        self._vectors: list[ts.CKKSVector] | None = vectors
+
+    @property
+    def used(self) -> bool:
+        """True once a hop took the ciphertexts or they were discarded."""
+        return self._vectors is None
+
+    def matches(self, round_tag: bytes, layout: bytes, weight: float) -> bool:
+        """Whether a hop of ``round_tag`` / ``layout`` with ``weight`` may use these (unused) ciphertexts."""
+        return (not self.used and self.round_tag == round_tag and self.layout == layout
+                and self.weight == float(weight))
+
+    def take(self) -> tuple[ts.Context, list[ts.CKKSVector]]:
+        """The context and the ciphertexts, once; ``CSAHEError`` afterwards."""
+        if self._vectors is None or self._context is None:
+            raise CSAHEError(f"CSAHE: site {self.site}'s prepared ciphertexts were already used or discarded; "
+                             "encrypt in the hop (a prepared ciphertext is added to one running sum only)")
+        context, vectors = self._context, self._vectors
+        self._context, self._vectors = None, None
+        return context, vectors
+
+    def discard(self) -> None:
+        """Drop the ciphertexts (a new attempt started, or the hop is over)."""
+        self._context, self._vectors = None, None
+
+    def __repr__(self) -> str:
+        state = "used" if self.used else f"{self.count} ciphertexts"
+        return f"Prepared(site={self.site!r}, round_tag={self.round_tag.hex()[:12]}, weight={self.weight:g}, {state})"
+
+
+def member_prepare(site: str, public_context: bytes, update: Mapping[str, np.ndarray], weight: float) -> Prepared:
+    """Encrypt Enc(w_j * Delta_j) under the round's public context ahead of the hop (the ``csahe_prepare`` step).
+
+    Same checks as a hop: the context deserializes and holds no secret key, the update is finite and within CKKS
+    headroom, the weight in (0, 1]. The result stays at the site; pass it to ``member_hop(..., prepared=...)``."""
+    round_ = _PublicRound(public_context, site)
+    spec = PackSpec.from_update(update)
+    vectors = _encrypt(round_.context, _checked_vector(spec, update, weight, site))
+    return Prepared(site, round_.round_tag, spec.digest(), float(weight), round_.context, vectors)
+
+
 def member_hop(
     site: str,
     public_context: bytes,
@@ -501,16 +568,49 @@ def member_hop(
     update: Mapping[str, np.ndarray],
     weight: float,
     hop: str | None = None,
+    prepared: Prepared | None = None,
 ) -> list[bytes]:
-    """A ring member adds Enc(w_j * Delta_j) to the running sum it received and returns the new wire messages."""
+    """A ring member adds Enc(w_j * Delta_j) to the running sum it received and returns the new wire messages.
+
+    With ``prepared`` (from :func:`member_prepare` for THIS round: same round tag, i.e. the same public context, same
+    layout and weight) the member's own ciphertexts are not made here: the hop deserializes the running sum under the
+    prepared context, adds and serializes. A ``prepared`` for another round tag, layout, weight or site, or one
+    already used, is refused with ``CSAHEError`` (it is never mixed into this round's sum); the caller may then
+    encrypt in the hop (``prepared=None``). ``prepared`` is used up (or discarded) by this call, whatever happens."""
     hop = hop or f"hop to {site}"
-    round_ = _PublicRound(public_context, site)
     spec = PackSpec.from_update(update)
-    vectors = _decode_messages(messages, round_.context, round_.round_tag, spec.digest(), spec.n_ciphertexts, site, hop)
-    own = _encrypt(round_.context, _checked_vector(spec, update, weight, site))
+    if prepared is None:
+        round_ = _PublicRound(public_context, site)
+        context, tag, own = round_.context, round_.round_tag, None
+    else:
+        if not isinstance(public_context, (bytes, bytearray, memoryview)):
+            prepared.discard()
+            raise CSAHEError(f"CSAHE: {hop} at site {site}: the public context is a {type(public_context).__name__}, "
+                             "not bytes")
+        tag = _round_tag(bytes(public_context))
+        refusal = None
+        if prepared.site != site:
+            refusal = f"the prepared ciphertexts are site {prepared.site}'s"
+        elif prepared.used:
+            refusal = "the prepared ciphertexts were already used or discarded"
+        elif prepared.round_tag != tag:
+            refusal = (f"the prepared ciphertexts were made under another round's context (round tag "
+                       f"{prepared.round_tag.hex()[:12]} != {tag.hex()[:12]}); they are never added to this round's sum")
+        elif prepared.layout != spec.digest():
+            refusal = "the prepared ciphertexts hold another parameter layout"
+        elif prepared.weight != float(weight):
+            refusal = f"the prepared ciphertexts carry weight {prepared.weight!r}, the hop asks for {float(weight)!r}"
+        if refusal is not None:
+            prepared.discard()
+            raise CSAHEError(f"CSAHE: {hop} at site {site}: {refusal}; discarded them: encrypt in the hop")
+        context, own = prepared.take()
+    vectors = _decode_messages(messages, context, tag, spec.digest(), spec.n_ciphertexts, site, hop)
+    if own is None:
+        own = _encrypt(context, _checked_vector(spec, update, weight, site))
     summed = [a + b for a, b in zip(vectors, own)]
+    del vectors, own
     count = len(summed)
-    return [_encode_message(round_.round_tag, spec.digest(), i, count, v.serialize()) for i, v in enumerate(summed)]
+    return [_encode_message(tag, spec.digest(), i, count, v.serialize()) for i, v in enumerate(summed)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -533,11 +633,15 @@ def run_ring(
     sigma: float = 1e4,
     order: Sequence[str] | None = None,
     relay_log: MutableSequence[RelayMessage] | None = None,
+    prepare: bool = True,
 ) -> dict[str, np.ndarray]:
     """Simulate one CSAHE round in memory; return sum_k w_k * Delta_k with w_k = n_k / sum n.
 
     ``order`` (initiator first) defaults to ``ring_order(sites)``; every transfer through the server is appended to
-    ``relay_log`` when given (it holds bytes only: public contexts and ciphertext messages).
+    ``relay_log`` when given (it holds bytes only: public contexts and ciphertext messages). With ``prepare`` (the
+    protocol of :mod:`fedseg.algorithms.ring`) the server sends the initiator's public context to every member from
+    the third site on right after "start" (``member_prepare``), while the first member's hop runs (it encrypts in
+    its hop); the later hops add the prepared ciphertexts. ``prepare=False``: every member encrypts in its hop.
     """
     if set(updates) != set(counts):
         raise ConfigError(
@@ -553,11 +657,17 @@ def run_ring(
     initiator = Initiator(order[0], updates[order[0]], weights[order[0]], sigma=sigma)
     public = initiator.public_context_bytes()
     messages = initiator.start()
+    prepared: dict[str, Prepared] = {}
+    if prepare:
+        for site in order[2:]:
+            log.append(RelayMessage(order[0], site, "public_context", public))
+            prepared[site] = member_prepare(site, public, updates[site], weights[site])
     sender = order[0]
     for site in order[1:]:
         log.append(RelayMessage(sender, site, "public_context", public))
         log.extend(RelayMessage(sender, site, "ciphertext", m) for m in messages)
-        messages = member_hop(site, public, messages, updates[site], weights[site], hop=f"hop {sender} -> {site}")
+        messages = member_hop(site, public, messages, updates[site], weights[site], hop=f"hop {sender} -> {site}",
+                              prepared=prepared.pop(site, None))
         sender = site
     log.extend(RelayMessage(sender, order[0], "ciphertext", m) for m in messages)
     return initiator.finish(messages)
