@@ -127,19 +127,29 @@ def test_csahe_job_runs_secure_rounds_and_writes_results(tiny_data, tmp_path):
         assert sorted(r["sites"]) == sorted(metrics["sites"]) and r["not_in_ring"] == {}
         assert r["private_context_received"] is False and r["public_contexts_received"] == 1
         assert sum(r["weights"].values()) == pytest.approx(1.0)
-        # relay record: 1 context + 1 ciphertext set from the initiator, 3 hops out and back, the finish
+        # pre-encryption: the two members after the first prepared in the parallel wave and hopped with those
+        # ciphertexts; the first member encrypted in its hop (it ran in the same wave)
+        order = r["attempts"][0]["order"]
+        assert r["prepare"] is True and r["attempts"][0]["prepared"] == order[2:]
+        assert r["attempts"][0]["in_hop"] == order[1:2] and r["attempts"][0]["wave_seconds"] > 0
+        # relay record: 1 context + 1 ciphertext set from the initiator, 3 hops out and back, the finish, and the
+        # prepare step (the public context to 2 members, their 16-byte round-tag echoes)
         relay = r["relay"]
         ct = [g for g in relay if g["item"] == "ciphertext"]
         assert len(ct) == 1 + 3 + 3 + 1 and all(g["count"] == r["n_ciphertexts"] for g in ct)
         received = [g for g in relay if g["item"] == "public_context" and g["direction"] == "received"]
         assert len(received) == 1 and received[0]["is_private"] is False  # checked with ts.context_from at the server
         sent = [g for g in relay if g["item"] == "public_context" and g["direction"] == "sent"]
-        assert len(sent) == 3 and {g["sha256"] for g in sent} == {received[0]["sha256"]}  # only that one is relayed
+        assert len(sent) == 3 + 2 and {g["sha256"] for g in sent} == {received[0]["sha256"]}  # only that one
+        assert sorted(g["site"] for g in sent if g["kind"] == "prepare") == sorted(order[2:])
+        echoes = [g for g in relay if g["item"] == "round_tag"]
+        assert sorted(g["site"] for g in echoes) == sorted(order[2:]) and all(g["nbytes"] == 16 for g in echoes)
+        assert {g["item"] for g in relay} == {"public_context", "ciphertext", "round_tag", "aggregate"}
         assert r["bytes_relayed"] == sum(g["nbytes"] for g in relay if g["item"] != "aggregate")
         assert 31.5 < r["ciphertext_set_bytes"] / (r["n_ciphertexts"] * 4096) < 32.5
         print(f"\nround {r['round']}: ring {r['attempts'][0]['order']}, {r['bytes_relayed'] / 1e6:.1f} MB, "
               f"{r['bytes_per_param_total']:.1f} B/param in all ({r['bytes_per_param_per_hop']:.1f} per hop), "
-              f"{r['seconds']:.2f} s")
+              f"{r['seconds']:.2f} s (parallel wave {r['attempts'][0]['wave_seconds']:.2f} s)")
     assert len(re.findall(r"round \d: CSAHE ring order .* aggregated 4 site\(s\)", log)) == 2
     # the server never received a plaintext update: train replies were metadata only
     assert "sent its model update in plaintext" not in log
@@ -162,6 +172,11 @@ def test_corrupted_ring_replies_rerun_the_round_without_that_site(tiny_data, tmp
         assert first["stage"] == ("start" if first["order"][0] == "site-3" else "hop")
         assert "does not deserialize" in first["reason"]
         assert sorted(second["order"]) == sorted(r["sites"]) == ["site-1", "site-2", "site-4"]
+        # the re-run prepared again under its own context (its last member), and used it
+        assert second["prepared"] == second["order"][2:] and second["in_hop"] == second["order"][1:2]
+        tags = {(g["attempt"], g["sha256"]) for g in r["relay"] if g["item"] == "round_tag"}
+        assert {a for a, _ in tags} >= {2} and len({h for a, h in tags if a == 2}) == 1
+        assert not {h for a, h in tags if a == 1} & {h for a, h in tags if a == 2}  # never the old context
         assert list(r["dropped"]) == ["site-3"] and "site-3" not in r["weights"]
         assert sum(r["weights"].values()) == pytest.approx(1.0)
         # the failed attempt's ciphertexts were never finished: the only finish is the complete ring's

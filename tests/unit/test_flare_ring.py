@@ -47,17 +47,26 @@ def _site_executor(site, update, rnd=3):
 
 
 class FakeFlare:
-    """send_and_wait replaced by direct calls of the sites' executors; faults[site] = "timeout" | "error" | fn."""
+    """send_and_wait / send (non-blocking in FLARE) replaced by direct calls of the sites' executors;
+    faults[site] or faults[(site, task name)] = "timeout" | "error" | "pending" (send only: no reply yet) | fn."""
 
     def __init__(self, executors):
         self.executors = executors
         self.faults = {}
         self.tasks = []
+        self.scheduled = []  # (task name, site) of every non-blocking send
+
+    def send(self, task, fl_ctx, targets, **_):
+        self.scheduled.append((task.name, targets[0]))
+        if self.faults.get((targets[0], task.name)) == "pending":
+            self.tasks.append((task.name, targets[0], task.timeout))
+            return  # the site has not answered yet (completion_status stays None)
+        self.send_and_wait(task, fl_ctx, targets)
 
     def send_and_wait(self, task, fl_ctx, targets, abort_signal=None, **_):
         site = targets[0]
         self.tasks.append((task.name, site, task.timeout))
-        fault = self.faults.get(site)
+        fault = self.faults.get((site, task.name), self.faults.get(site))
         if fault == "timeout":
             task.completion_status = TaskCompletionStatus.TIMEOUT
             return
@@ -72,10 +81,12 @@ class FakeFlare:
         task.completion_status = TaskCompletionStatus.OK
 
 
-def _controller(executors, weighting="steps", meta=None, rnd=3):
-    ctrl = CSAHEScatterAndGather(min_clients=3, num_rounds=5, hop_timeout=7, weighting=weighting)
+def _controller(executors, weighting="steps", meta=None, rnd=3, prepare=True):
+    ctrl = CSAHEScatterAndGather(min_clients=3, num_rounds=5, hop_timeout=7, weighting=weighting, prepare=prepare,
+                                 task_check_period=0.01)
     fake = FakeFlare(executors)
     ctrl.send_and_wait = fake.send_and_wait
+    ctrl.send = fake.send
     ctrl._current_round, ctrl._layout = rnd, expected_layout(GLOBAL)
     ctrl._meta = meta
     return ctrl, fake
@@ -99,10 +110,14 @@ def test_controller_ring_over_flare_tasks_gives_the_weighted_sum(weighting):
     err = max(float(np.abs(out.aggregate[k] - expected[k]).max()) for k in FLOATS)
     assert err < error_bound(4, 1e3, 0.05) + 2.0**-23 * 0.05
     assert set(out.aggregate) == set(FLOATS)  # the integer buffer is never part of an update or the aggregate
-    # one FLARE task per ring step, each to one site, each with the hop timeout
+    # one FLARE task per ring step, each to one site, each with the hop timeout; the parallel wave (the first
+    # member's hop + the later members' prepare) is scheduled with non-blocking sends, the rest one at a time
     order = out.attempts[0].order
-    assert fake.tasks == ([("csahe_start", order[0], 7)] + [("csahe_hop", s, 7) for s in order[1:]]
-                          + [("csahe_finish", order[0], 7)])
+    assert fake.tasks == ([("csahe_start", order[0], 7), ("csahe_hop", order[1], 7)]
+                          + [("csahe_prepare", s, 7) for s in order[2:]]
+                          + [("csahe_hop", s, 7) for s in order[2:]] + [("csahe_finish", order[0], 7)])
+    assert fake.scheduled == [("csahe_hop", order[1])] + [("csahe_prepare", s) for s in order[2:]]
+    assert out.attempts[0].prepared == order[2:] and out.attempts[0].in_hop == [order[1]]
     assert not out.private_context_received
     assert all(t.data is None for t in out.transfers)  # the controller keeps sizes and hashes, not the bytes
     # the JSON relay record groups each message set
@@ -110,6 +125,12 @@ def test_controller_ring_over_flare_tasks_gives_the_weighted_sum(weighting):
     assert [(g["kind"], g["direction"], g["item"]) for g in rec][:2] == [("start", "received", "public_context"),
                                                                         ("start", "received", "ciphertext")]
     assert all(g["count"] == expected_layout(GLOBAL)[0].n_ciphertexts for g in rec if g["item"] == "ciphertext")
+    # the prepare transfers are in the record: the public context out, the round-tag echo back
+    prep = [(g["direction"], g["site"], g["item"], g["nbytes"]) for g in rec if g["kind"] == "prepare"]
+    context_bytes = next(g["nbytes"] for g in rec if g["kind"] == "start" and g["item"] == "public_context")
+    assert sorted(prep) == sorted([("sent", s, "public_context", context_bytes) for s in order[2:]]
+                                  + [("received", s, "round_tag", 16) for s in order[2:]])
+    assert {g["item"] for g in rec} == {"public_context", "ciphertext", "round_tag", "aggregate"}
 
 
 @pytest.mark.parametrize("fault, why", [("timeout", "no reply to csahe_hop within hop_timeout=7 s"),
@@ -121,9 +142,10 @@ def test_controller_drops_a_site_that_times_out_or_fails(fault, why):
     executors = {s: _site_executor(s, updates[s]) for s in sites}
     ctrl, fake = _controller(executors, meta=meta)
     ctrl._rng = SimpleNamespace(shuffle=lambda xs: xs.sort())  # initiator "a", then "b", ... (deterministic)
-    fake.faults["c"] = fault
+    fake.faults[("c", "csahe_hop")] = fault
     out = ctrl._ring(3, FLContext(), Signal())
     assert out.ok and out.attempts[0].failed_site == "c" and why in out.attempts[0].reason
+    assert out.attempts[0].stage == "hop" and out.attempts[0].prepared == ["c", "d"]
     assert sorted(out.sites) == ["a", "b", "d"]
     expected = _weighted(updates, {s: meta[s]["steps"] for s in ("a", "b", "d")})
     assert max(float(np.abs(out.aggregate[k] - expected[k]).max()) for k in FLOATS) < 1e-6
@@ -286,3 +308,109 @@ def test_public_metrics_keep_per_image_and_per_case_detail_at_the_site():
     summary = {"dice": 0.5, "dice_s": None, "n": 2, "per_image_dice": [0.4, 0.6],
                "per_case_dice": {"A000069": 0.4, "A000075": 0.6}}
     assert public_metrics(summary) == {"dice": 0.5, "dice_s": None, "n": 2}
+
+
+# ---------------------------------------------------------------------------------------------------- pre-encryption
+
+
+@pytest.mark.parametrize("fault, why", [("timeout", "no reply to csahe_prepare within hop_timeout=7 s"),
+                                        ("error", "EXECUTION_EXCEPTION for csahe_prepare")])
+def test_controller_drops_a_site_whose_prepare_fails_and_reprepares_in_the_rerun(fault, why, tmp_path):
+    sites = ["a", "b", "c", "d", "e"]
+    updates = {s: _update(30 + i) for i, s in enumerate(sites)}
+    meta = {s: {"steps": 2 + i, "n_samples": 5} for i, s in enumerate(sites)}
+    executors = {s: _site_executor(s, updates[s]) for s in sites}
+    ctrl, fake = _controller(executors, meta=meta)
+    ctrl._rng = SimpleNamespace(shuffle=lambda xs: xs.sort())  # a, b, c, ... then a, b, d, e
+    fake.faults[("c", "csahe_prepare")] = fault
+    out = ctrl._ring(3, FLContext(), Signal())
+    first, second = out.attempts
+    assert out.ok and (first.failed_site, first.stage) == ("c", "prepare") and why in first.reason
+    assert first.prepared == ["d", "e"] and sorted(out.sites) == ["a", "b", "d", "e"]
+    # attempt 1 never went past its wave; attempt 2 prepared d and e again (under its own context) and used them
+    assert [t[:2] for t in fake.tasks if t[0] != "csahe_start"] == [
+        ("csahe_hop", "b"), ("csahe_prepare", "c"), ("csahe_prepare", "d"), ("csahe_prepare", "e"),
+        ("csahe_hop", "b"), ("csahe_prepare", "d"), ("csahe_prepare", "e"), ("csahe_hop", "d"), ("csahe_hop", "e"),
+        ("csahe_finish", "a")]
+    assert second.prepared == ["d", "e"] and second.in_hop == ["b"]
+    assert all(executors[s].ring.prepared is None for s in ("d", "e"))  # used up by the hops
+    expected = _weighted(updates, {s: meta[s]["steps"] for s in ("a", "b", "d", "e")})
+    assert max(float(np.abs(out.aggregate[k] - expected[k]).max()) for k in FLOATS) < 1e-6
+    # the round record: the failed prepare, who prepared, who encrypted in its hop -- sizes and hashes only
+    ctrl._record_path = str(tmp_path / "csahe_rounds.jsonl")
+    ctrl._rejected = {}
+    ctrl._write_record(3, out, FLContext())
+    import json
+
+    rec = json.loads((tmp_path / "csahe_rounds.jsonl").read_text())
+    assert rec["prepare"] is True and rec["dropped"].keys() == {"c"}
+    assert [(a["failed_site"], a["stage"], a["prepared"], a["in_hop"]) for a in rec["attempts"]] == [
+        ("c", "prepare", ["d", "e"], ["b"]), (None, None, ["d", "e"], ["b"])]
+    assert {(g["attempt"], g["site"]) for g in rec["relay"] if g["kind"] == "prepare" and g["direction"] == "sent"} == {
+        (1, "c"), (1, "d"), (1, "e"), (2, "d"), (2, "e")}
+    assert {g["item"] for g in rec["relay"]} == {"public_context", "ciphertext", "round_tag", "aggregate"}
+    assert rec["bytes_relayed"] == sum(g["nbytes"] for g in rec["relay"] if g["item"] != "aggregate")
+
+
+def test_controller_without_prepare_runs_the_plain_ring():
+    sites = ["a", "b", "c", "d"]
+    updates = {s: _update(40 + i) for i, s in enumerate(sites)}
+    meta = {s: {"steps": 1 + i, "n_samples": 5} for i, s in enumerate(sites)}
+    ctrl, fake = _controller({s: _site_executor(s, updates[s]) for s in sites}, meta=meta, prepare=False)
+    out = ctrl._ring(3, FLContext(), Signal())
+    assert out.ok and out.attempts[0].prepared == [] and out.attempts[0].in_hop == out.attempts[0].order[1:]
+    assert fake.scheduled == [] and {t[0] for t in fake.tasks} == {"csahe_start", "csahe_hop", "csahe_finish"}
+    with pytest.raises(ConfigError, match="prepare"):
+        CSAHEScatterAndGather(prepare="yes")
+
+
+def test_controller_abort_during_the_parallel_wave_cancels_its_tasks():
+    sites = ["a", "b", "c", "d"]
+    updates = {s: _update(50 + i) for i, s in enumerate(sites)}
+    meta = {s: {"steps": 1, "n_samples": 5} for s in sites}
+    ctrl, fake = _controller({s: _site_executor(s, updates[s]) for s in sites}, meta=meta)
+    ctrl._rng = SimpleNamespace(shuffle=lambda xs: xs.sort())
+    fake.faults[("d", "csahe_prepare")] = "pending"  # d's prepare is still running when the run is aborted
+    signal, cancelled = Signal(), []
+
+    def cancel_task(task, completion_status=TaskCompletionStatus.CANCELLED, fl_ctx=None):
+        cancelled.append(task.name)
+        task.completion_status = completion_status
+
+    ctrl.cancel_task = cancel_task
+    import threading
+
+    threading.Timer(0.2, signal.trigger, args=(True,)).start()
+    out = ctrl._ring(3, FLContext(), signal)
+    assert not out.ok and out.reason.startswith("aborted") and out.dropped == {} and cancelled == ["csahe_prepare"]
+
+
+def test_executor_prepare_task_keeps_the_ciphertexts_and_the_hop_uses_them():
+    from fedseg.algorithms.csahe import Initiator, round_tag
+
+    a, b = _update(60), _update(61)
+    ini = Initiator("site-1", a, 0.5, sigma=1e3)
+    pub, msgs = ini.public_context_bytes(), ini.start()
+    ex = _site_executor("site-2", b, rnd=3)
+    task = DXO(data_kind=DataKind.APP_DEFINED, data={"round": 3, "attempt": 1, "weight": 0.5, "ring_size": 3,
+                                                     "public_context": pub})
+    reply = from_shareable(_wire(ex.execute("csahe_prepare", _wire(task.to_shareable()), FLContext(), Signal())))
+    assert reply.data_kind == DataKind.APP_DEFINED and reply.data == {"round_tag": round_tag(pub)}  # nothing else
+    assert reply.get_meta_prop("csahe_kind") == "prepare" and ex.ring.prepared is not None
+    hop = DXO(data_kind=DataKind.APP_DEFINED, data={"round": 3, "attempt": 1, "weight": 0.5, "ring_size": 3,
+                                                    "public_context": pub, "messages": msgs})
+    out = from_shareable(_wire(ex.execute("csahe_hop", _wire(hop.to_shareable()), FLContext(), Signal())))
+    assert out.data["prepared"] is True and ex.ring.prepared is None
+    agg = ini.finish(out.data["messages"])
+    assert max(float(np.abs(agg[k] - (0.5 * a[k].astype(np.float64) + 0.5 * b[k])).max()) for k in FLOATS) < 1e-6
+    # a prepare the site cannot do (another round, a context with a secret key) is an error reply
+    bad = DXO(data_kind=DataKind.APP_DEFINED, data={"round": 4, "attempt": 1, "weight": 0.5, "ring_size": 3,
+                                                    "public_context": pub})
+    assert ex.execute("csahe_prepare", bad.to_shareable(), FLContext(), Signal()).get_return_code() == \
+        ReturnCode.EXECUTION_EXCEPTION
+    secret = DXO(data_kind=DataKind.APP_DEFINED, data={"round": 3, "attempt": 2, "weight": 0.5, "ring_size": 3,
+                                                       "public_context": ini.keys.context.serialize(
+                                                           save_secret_key=True)})
+    assert ex.execute("csahe_prepare", secret.to_shareable(), FLContext(), Signal()).get_return_code() == \
+        ReturnCode.EXECUTION_EXCEPTION
+    assert executor_module.CSAHE_TASKS["csahe_prepare"] == "prepare"

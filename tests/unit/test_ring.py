@@ -11,7 +11,9 @@ from fedseg.algorithms.csahe import (
     PackSpec,
     error_bound,
     member_hop,
+    member_prepare,
     message_payload,
+    round_tag,
 )
 from fedseg.algorithms.fedgs import check_update
 from fedseg.algorithms.ring import RingAborted, RingMember, SendFailed, ring_weights, secure_aggregate
@@ -64,6 +66,7 @@ class Sites:
         self.faults = {}
         self.requests = []
         self.initiators = []
+        self.prepared = []  # (site, attempt, the csahe.Prepared the member kept)
 
     def send(self, site, kind, payload):
         self.requests.append((site, kind, payload.get("attempt")))
@@ -73,6 +76,8 @@ class Sites:
         reply = self.members[site].handle(kind, payload)
         if kind == "start":
             self.initiators.append(self.members[site]._initiator)
+        if kind == "prepare":
+            self.prepared.append((site, payload.get("attempt"), self.members[site].prepared))
         if fault is not None:
             reply = fault(kind, payload, reply)
         return reply
@@ -84,7 +89,8 @@ def _check_against(updates):
     return lambda aggregate, initiator: check_update(aggregate, shapes, f"ring aggregate from {initiator}")
 
 
-def test_ring_sum_equals_weighted_sum_and_the_server_sees_only_public_material():
+@pytest.mark.parametrize("prepare", [True, False])
+def test_ring_sum_equals_weighted_sum_and_the_server_sees_only_public_material(prepare):
     sites = ["site-1", "site-2", "site-3", "site-4"]
     updates = _updates(sites)
     counts = {"site-1": 10, "site-2": 30, "site-3": 40, "site-4": 20}  # steps (FedGS) or samples (Per-FedAvg)
@@ -93,7 +99,7 @@ def test_ring_sum_equals_weighted_sum_and_the_server_sees_only_public_material()
     spec = PackSpec.from_update(updates["site-1"])
     out = secure_aggregate(sites, counts, fake.send, keep_bytes=True, log=lines.append, extra={"round": 0},
                            expected_count=spec.n_ciphertexts, layout_digest=spec.digest(), n_values=spec.size,
-                           check_result=_check_against(updates))
+                           check_result=_check_against(updates), prepare=prepare)
     assert out.ok and out.reason is None and len(out.attempts) == 1 and out.dropped == {}
     assert sorted(out.sites) == sites
     assert out.weights == pytest.approx({"site-1": 0.1, "site-2": 0.3, "site-3": 0.4, "site-4": 0.2}, abs=1e-15)
@@ -103,13 +109,29 @@ def test_ring_sum_equals_weighted_sum_and_the_server_sees_only_public_material()
     assert err < bound
     assert {n: v.shape for n, v in out.aggregate.items()} == {n: tuple(s) for n, s in SHAPES.items()}
 
-    # what crossed the server: one start reply, three hops out and back, the finish, in ring order
+    # what crossed the server: one start reply, [the parallel wave: first hop + prepares,] the hops out and back, the
+    # finish, in ring order
     order = out.attempts[0].order
-    assert [(s, k) for s, k, _ in fake.requests] == [(order[0], "start")] + [(s, "hop") for s in order[1:]] + [
-        (order[0], "finish")]
+    prepares = [(s, "prepare") for s in order[2:]] if prepare else []
+    assert [(s, k) for s, k, _ in fake.requests] == [(order[0], "start"), (order[1], "hop")] + prepares + [
+        (s, "hop") for s in order[2:]] + [(order[0], "finish")]
+    assert out.attempts[0].prepared == (order[2:] if prepare else [])
+    assert out.attempts[0].in_hop == ([order[1]] if prepare else order[1:])  # who encrypted inside its hop
+    assert (out.attempts[0].wave_seconds > 0) is prepare
     received = [t for t in out.transfers if t.direction == "received"]
     contexts = [t for t in received if t.item == "public_context"]
     assert len(contexts) == 1 and contexts[0].site == order[0] and contexts[0].is_private is False
+    # the server record holds only public contexts, ciphertexts, the prepare echoes (the round tag: a hash of the
+    # public context the server relayed) and the finished aggregate
+    assert {t.item for t in out.transfers} == {"public_context", "ciphertext", "aggregate"} | (
+        {"round_tag"} if prepare else set())
+    tag = round_tag(contexts[0].data)
+    echoes = [t for t in out.transfers if t.item == "round_tag"]
+    assert [(t.site, t.kind) for t in echoes] == prepares and all(t.direction == "received" for t in echoes)
+    assert all(t.data == tag for t in echoes)
+    sent_contexts = [t for t in out.transfers if t.item == "public_context" and t.direction == "sent"]
+    assert [(t.site, t.kind) for t in sent_contexts] == [(order[1], "hop")] + prepares + [(s, "hop") for s in order[2:]]
+    assert {t.data for t in sent_contexts} == {contexts[0].data}  # only the initiator's public context is relayed
     assert not out.private_context_received
     ctx = ts.context_from(contexts[0].data)
     assert not ctx.is_private() and not ctx.has_galois_keys() and not ctx.has_relin_keys()
@@ -359,3 +381,212 @@ def test_ring_member_refusals_and_fresh_initiator_per_start():
         m.handle("finish", {"round": 2, "attempt": 2, "messages": hop})  # a round finishes once
     with pytest.raises(UpdateRejected, match="NaN"):
         m.set_update(3, {**upd["a"], "enc.bias": np.full(50, np.nan, np.float32)})
+
+
+# ---------------------------------------------------------------------------------------------------- pre-encryption
+
+
+def _context_tag(out, attempt):
+    return next(round_tag(t.data) for t in out.transfers
+                if t.item == "public_context" and t.direction == "received" and t.attempt == attempt)
+
+
+def _echo_other_round(kind, payload, reply):
+    return {"round_tag": b"\x00" * 16}
+
+
+def _no_echo(kind, payload, reply):
+    return {}
+
+
+PREPARE_FAULTS = {
+    "raise": (_raise, "RuntimeError: site crashed"),
+    "timeout": (_timeout, "TimeoutError"),
+    "no reply": (_none, "no reply"),
+    "error marker": (_marker, "EXECUTION_EXCEPTION"),
+    "another round tag": (_echo_other_round, "does not echo this round's tag (000000000000"),
+    "no echo": (_no_echo, "does not echo this round's tag (got NoneType"),
+}
+
+
+def _prepare_fault(fake, site, fn):
+    """``fn`` replaces (fn.before) or spoils the site's prepare reply; its other requests are answered normally."""
+    def fault(kind, payload, reply):
+        if kind != "prepare":
+            return fake.members[site].handle(kind, payload)
+        if getattr(fn, "before", False):
+            return fn(kind, payload, None)
+        return fn(kind, payload, fake.members[site].handle(kind, payload))
+
+    fault.before = True
+    return fault
+
+
+@pytest.mark.parametrize("fault", sorted(PREPARE_FAULTS))
+def test_failing_prepare_drops_the_site_like_a_hop_and_the_rerun_prepares_again(fault):
+    """Policy: a prepare that fails counts like a hop failure (drop the site, re-run with a fresh initiator and
+    context while >= 3 sites remain); the re-run's members prepare again under the NEW context."""
+    sites = ["s1", "s2", "s3", "s4", "s5"]
+    updates = _updates(sites, seed=8)
+    counts = {"s1": 5, "s2": 7, "s3": 11, "s4": 13, "s5": 3}
+    fake = Sites(updates)
+    fn, why = PREPARE_FAULTS[fault]
+    fake.faults["s3"] = _prepare_fault(fake, "s3", fn)
+    lines = []
+    out = secure_aggregate(sites, counts, fake.send, rng=Orders(["s1", "s2", "s3", "s4", "s5"], ["s2", "s1", "s4", "s5"]),
+                           keep_bytes=True, log=lines.append, extra={"round": 0})
+    assert out.ok and len(out.attempts) == 2
+    first, second = out.attempts
+    assert (first.failed_site, first.stage, first.failed_sites) == ("s3", "prepare", ["s3"]) and why in first.reason
+    assert first.prepared == ["s4", "s5"]  # the others of the wave did prepare
+    assert out.dropped.keys() == {"s3"} and sorted(out.sites) == ["s1", "s2", "s4", "s5"]
+    # no hop after the wave in attempt 1: the failure is caught before the ring goes on (only s2's wave hop ran)
+    assert [(s, k) for s, k, a in fake.requests if a == 1 and k == "hop"] == [("s2", "hop")]
+    # attempt 2 prepared again, under its own (fresh) context; its hops used those ciphertexts
+    tag1, tag2 = _context_tag(out, 1), _context_tag(out, 2)
+    assert tag1 != tag2
+    others = [(s, a, p) for s, a, p in fake.prepared if s != "s3"]
+    assert [(s, a, p.round_tag) for s, a, p in others] == [
+        ("s4", 1, tag1), ("s5", 1, tag1), ("s4", 2, tag2), ("s5", 2, tag2)]
+    assert all(p.used for _, _, p in others)  # attempt 1's were discarded (replaced), attempt 2's used by the hops
+    assert second.prepared == ["s4", "s5"] and second.in_hop == ["s1"]
+    expected = _weighted_sum(updates, counts, ["s1", "s2", "s4", "s5"])
+    assert _max_err(out.aggregate, expected) < _bound(4, updates, expected)
+    assert not [t for t in out.transfers if t.item == "aggregate" and t.attempt == 1]
+    line = next(x for x in lines if "failed" in x)
+    assert "site s3 (prepare)" in line and "discarded" in line and "re-running with the 4 other sites" in line
+
+
+def test_hop_failure_rerun_reprepares_and_never_reuses_the_old_ciphertexts():
+    sites = ["s1", "s2", "s3", "s4"]
+    updates = _updates(sites, seed=9)
+    counts = {"s1": 2, "s2": 3, "s3": 5, "s4": 7}
+    fake = Sites(updates)
+    fake.faults["s3"] = _only_hops(fake, "s3", _raise)  # s3 prepares fine, then its hop fails
+    out = secure_aggregate(sites, counts, fake.send, rng=Orders(["s1", "s2", "s3", "s4"], ["s2", "s1", "s4"]))
+    assert out.ok and out.attempts[0].failed_site == "s3" and out.attempts[0].stage == "hop"
+    # s4 prepared in attempt 1 (never used: the ring broke before its hop) and again in attempt 2 (a fresh context)
+    s4 = [(a, p) for s, a, p in fake.prepared if s == "s4"]
+    assert [a for a, _ in s4] == [1, 2] and s4[0][1].round_tag != s4[1][1].round_tag
+    assert s4[0][1].used and s4[1][1].used and out.attempts[1].in_hop == ["s1"]
+    assert fake.members["s4"].last_hop_note == "added the prepared ciphertexts"
+    expected = _weighted_sum(updates, counts, ["s1", "s2", "s4"])
+    assert _max_err(out.aggregate, expected) < _bound(3, updates, expected)
+
+
+def test_two_prepare_failures_in_one_wave_drop_both_sites_at_once():
+    sites = ["a", "b", "c", "d", "e", "f"]
+    updates = _updates(sites, seed=10)
+    fake = Sites(updates)
+    fake.faults["c"] = _prepare_fault(fake, "c", _raise)
+    fake.faults["e"] = _prepare_fault(fake, "e", _timeout)
+    counts = {s: i + 1 for i, s in enumerate(sites)}
+    lines = []
+    out = secure_aggregate(sites, counts, fake.send, log=lines.append,
+                           rng=Orders(["a", "b", "c", "d", "e", "f"], ["f", "d", "b", "a"]))
+    first = out.attempts[0]
+    assert out.ok and first.failed_sites == ["c", "e"] and first.failed_site == "c" and first.stage == "prepare"
+    assert "c (prepare): RuntimeError" in first.reason and "e (prepare): TimeoutError" in first.reason
+    assert out.dropped.keys() == {"c", "e"} and sorted(out.sites) == ["a", "b", "d", "f"]
+    assert any("sites ['c', 'e']" in x and "re-running with the 4 other sites" in x for x in lines)
+    expected = _weighted_sum(updates, counts, ["a", "b", "d", "f"])
+    assert _max_err(out.aggregate, expected) < _bound(4, updates, expected)
+
+
+def test_prepare_failure_with_three_sites_skips_the_round():
+    sites = ["a", "b", "c"]
+    fake = Sites(_updates(sites, seed=11))
+    fake.faults["c"] = _prepare_fault(fake, "c", _marker)
+    out = secure_aggregate(sites, {"a": 1, "b": 1, "c": 1}, fake.send, rng=Orders(["a", "b", "c"]))
+    assert not out.ok and out.attempts[0].failed_site == "c" and out.attempts[0].stage == "prepare"
+    assert "only 2 site(s)" in out.reason and ("a", "finish", 1) not in fake.requests
+
+
+def test_member_whose_preparation_was_lost_encrypts_in_its_hop():
+    sites = ["s1", "s2", "s3", "s4"]
+    updates = _updates(sites, seed=12)
+    counts = {"s1": 4, "s2": 1, "s3": 2, "s4": 3}
+    fake = Sites(updates)
+
+    def lost(kind, payload, reply):  # e.g. the site's process restarted between its prepare and its hop
+        if kind == "hop":
+            fake.members["s4"]._discard_prepared()
+        return fake.members["s4"].handle(kind, payload)
+
+    lost.before = True
+    fake.faults["s4"] = lost
+    out = secure_aggregate(sites, counts, fake.send, rng=Orders(["s1", "s2", "s3", "s4"]))
+    assert out.ok and len(out.attempts) == 1
+    assert out.attempts[0].prepared == ["s3", "s4"] and out.attempts[0].in_hop == ["s2", "s4"]
+    assert fake.members["s4"].last_hop_note == "nothing prepared: encrypted in the hop"
+    expected = _weighted_sum(updates, counts, sites)
+    assert _max_err(out.aggregate, expected) < _bound(4, updates, expected)
+
+
+def test_ring_member_reencrypts_when_its_preparation_is_for_another_context_or_weight():
+    upd = _updates(["a", "b", "c"], seed=13)
+    a, b = RingMember("a", sigma=SIGMA), RingMember("b", sigma=SIGMA)
+    a.set_update(1, upd["a"])
+    b.set_update(1, upd["b"])
+    r1 = a.handle("start", {"round": 1, "attempt": 1, "weight": 0.5, "ring_size": 3})
+    r2 = a.handle("start", {"round": 1, "attempt": 2, "weight": 0.5, "ring_size": 3})  # a re-run: new keys
+    echo = b.handle("prepare", {"round": 1, "attempt": 1, "weight": 0.5, "ring_size": 3,
+                                "public_context": r1["public_context"]})
+    assert echo == {"round_tag": round_tag(r1["public_context"])} and not b.prepared.used
+    old = b.prepared
+    hop = b.handle("hop", {"round": 1, "attempt": 2, "weight": 0.5, "ring_size": 3,
+                           "public_context": r2["public_context"], "messages": r2["messages"]})
+    assert hop["prepared"] is False and "another round tag" in b.last_hop_note
+    assert old.used and b.prepared is None  # discarded, never mixed into attempt 2's sum
+    agg = a.handle("finish", {"round": 1, "attempt": 2, "messages": hop["messages"]})["aggregate"]
+    expected = {n: 0.5 * upd["a"][n].astype(np.float64) + 0.5 * upd["b"][n] for n in SHAPES}
+    assert _max_err(agg, expected) < _bound(2, upd, expected)
+
+    # another weight than prepared: re-encrypted with the hop's weight
+    r3 = a.handle("start", {"round": 1, "attempt": 3, "weight": 0.5, "ring_size": 3})
+    b.handle("prepare", {"round": 1, "attempt": 3, "weight": 0.25, "ring_size": 3,
+                         "public_context": r3["public_context"]})
+    hop = b.handle("hop", {"round": 1, "attempt": 3, "weight": 0.5, "ring_size": 3,
+                           "public_context": r3["public_context"], "messages": r3["messages"]})
+    assert hop["prepared"] is False
+    agg = a.handle("finish", {"round": 1, "attempt": 3, "messages": hop["messages"]})["aggregate"]
+    assert _max_err(agg, expected) < _bound(2, upd, expected)
+
+    # a start (new attempt), set_update and clear discard what was prepared; a prepare for another round is refused
+    for reset in (lambda: b.handle("start", {"round": 1, "attempt": 4, "weight": 0.5, "ring_size": 3}),
+                  lambda: b.set_update(1, upd["b"]), b.clear):
+        b.set_update(1, upd["b"])
+        b.handle("prepare", {"round": 1, "attempt": 4, "weight": 0.5, "ring_size": 3,
+                             "public_context": r3["public_context"]})
+        kept = b.prepared
+        reset()
+        assert kept.used and b.prepared is None
+    b.set_update(1, upd["b"])
+    with pytest.raises(CSAHEError, match="round 1, the server asks for round 2"):
+        b.handle("prepare", {"round": 2, "attempt": 1, "weight": 0.5, "ring_size": 3,
+                             "public_context": r3["public_context"]})
+    with pytest.raises(CSAHEError, match="secret key"):
+        b.handle("prepare", {"round": 1, "attempt": 5, "weight": 0.5, "ring_size": 3,
+                             "public_context": Initiator("a", upd["a"], 0.5, sigma=SIGMA).keys.context.serialize(
+                                 save_secret_key=True)})
+
+
+def test_prepared_member_hop_matches_member_prepare_plus_member_hop():
+    """RingMember's prepared hop is csahe.member_prepare + member_hop(prepared=...): decrypted by the initiator,
+    the same sum as an in-hop encryption (within CKKS noise)."""
+    upd = _updates(["a", "b"], seed=14)
+    ini = Initiator("a", upd["a"], 0.5, sigma=SIGMA)
+    pub, msgs = ini.public_context_bytes(), ini.start()
+    m = RingMember("b", sigma=SIGMA)
+    m.set_update(0, upd["b"])
+    m.handle("prepare", {"round": 0, "attempt": 1, "weight": 0.5, "ring_size": 3, "public_context": pub})
+    hop = m.handle("hop", {"round": 0, "attempt": 1, "weight": 0.5, "ring_size": 3, "public_context": pub,
+                           "messages": msgs})
+    assert hop["prepared"] is True
+    direct = member_hop("b", pub, msgs, upd["b"], 0.5, prepared=member_prepare("b", pub, upd["b"], 0.5))
+
+    def dec(ms):
+        return np.concatenate([np.asarray(ts.ckks_vector_from(ini.keys.context, message_payload(x)).decrypt())
+                               for x in ms])
+
+    assert float(np.max(np.abs(dec(hop["messages"]) - dec(direct)))) < 2 * error_bound(2, SIGMA, 0.05)

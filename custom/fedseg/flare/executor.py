@@ -10,12 +10,14 @@ training loop is :class:`fedseg.training.LocalTrainer`, the CSAHE ring member is
   With ``secure_aggregation="csahe"`` the update stays at the site (kept for this round) and the reply carries
   metadata only (APP_DEFINED DXO: steps, n_samples, layout digest, number of values; validation and training metrics
   in the meta as before).
-- ``csahe_start`` / ``csahe_hop`` / ``csahe_finish`` (csahe only; payload: APP_DEFINED DXO from
+- ``csahe_start`` / ``csahe_prepare`` / ``csahe_hop`` / ``csahe_finish`` (csahe only; payload: APP_DEFINED DXO from
   :class:`fedseg.flare.ring_controller.CSAHEScatterAndGather`): start builds a NEW ``csahe.Initiator`` (fresh keys
   and mask) with this round's update and the weight the server sent, and returns the public context and
-  Enc(w * Delta + R); hop adds Enc(w * Delta) to the received running sum; finish decrypts, removes R and returns the
-  aggregate as a WEIGHT_DIFF DXO. A refused request (wrong round, ring < 3 sites, a bad ciphertext, no update)
-  returns EXECUTION_EXCEPTION with a log line naming the cause.
+  Enc(w * Delta + R); prepare encrypts Enc(w * Delta) under the round's public context ahead of the hop and keeps
+  the ciphertexts here (the reply only echoes the round tag); hop adds the prepared ciphertexts (or, when none were
+  prepared for this round tag and weight, encrypts in the hop) to the received running sum; finish decrypts,
+  removes R and returns the aggregate as a WEIGHT_DIFF DXO. A refused request (wrong round, ring < 3 sites, a bad
+  ciphertext or context, no update) returns EXECUTION_EXCEPTION with a log line naming the cause.
 - ``validate``: evaluates the received model on the site's held-out data: the "test" part when the dataset gives
   every site one (``fedseg.sitedata.site_parts``), else "val"; with ``adaptation_steps`` > 0 also the model after the
   final local adaptation (``LocalTrainer.personalize``) under ``"personalized"``. Returns METRICS (with ``"part"``).
@@ -272,8 +274,9 @@ class SegmentationTrainer(Executor):
             self.log_error(fl_ctx, f"CSAHE {kind} refused at site {self.site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         meta = {"csahe_kind": kind, "csahe_round": payload.get("round"), "csahe_attempt": payload.get("attempt")}
+        note = f": {self.ring.last_hop_note}" if kind == "hop" and self.ring.last_hop_note else ""
         self.log_info(fl_ctx, f"CSAHE {kind} done at {self.site} (round {payload.get('round')}, "
-                      f"attempt {payload.get('attempt')})")
+                      f"attempt {payload.get('attempt')}){note}")
         if kind == "finish":
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data=reply["aggregate"], meta=meta).to_shareable()
         return DXO(data_kind=DataKind.APP_DEFINED, data=reply, meta=meta).to_shareable()

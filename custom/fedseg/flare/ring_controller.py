@@ -12,7 +12,13 @@ partial sum). Per round:
 2. ``BEFORE_AGGREGATION``; the ring runs over the accepted sites: each ``send(site, kind, payload)`` is one FLARE
    task (``csahe_start`` / ``csahe_hop`` / ``csahe_finish``) sent with ``send_and_wait`` to that one site, with
    ``Task(timeout=hop_timeout)``; no reply in time, an error return code, or a reply that fails validation is that
-   site's failure. Weights ``w_k = n_k / sum n`` over the sites of each attempt with ``n_k`` = local steps
+   site's failure. Pre-encryption (``prepare=True``, the default; :mod:`fedseg.algorithms.ring`): right after the
+   initiator's ``csahe_start`` reply, one parallel wave of tasks -- the first member's ``csahe_hop`` and a
+   ``csahe_prepare`` (the round's public context and that member's own weight) for every later member -- is
+   scheduled at once with ``send`` (one Task per site, each with its own payload and ``timeout=hop_timeout``) and
+   awaited together; the later members then hop with their prepared ciphertexts. A prepare that fails or times out
+   drops that site like a failed hop (re-run without it). Weights ``w_k = n_k / sum n`` over the sites of each
+   attempt with ``n_k`` = local steps
    (``weighting="steps"``: FedGS / FedAvg, as :class:`~fedseg.flare.aggregator.FedGSAggregator` weights) or training
    samples (``"samples"``: Per-FedAvg / the PPPML-HMI paper).
 3. The initiator's ``csahe_finish`` reply (a WEIGHT_DIFF: ``sum_k w_k Delta_k``) is checked (finite, keys and shapes of
@@ -31,7 +37,8 @@ site asks again for a task; 2 s by default) to 0.5 s (``SegJob.csahe_task_reques
 
 One log line per round gives the ring order, attempts, bytes relayed and seconds; ``<run_dir>/csahe_rounds.jsonl``
 gets one JSON record per round: participants, counts, attempts (order, weights, failed site, stage, reason, seconds,
-bytes), dropped sites, bytes relayed, bytes per parameter, seconds, whether the aggregate was applied, whether any
+bytes, the members that prepared, those that encrypted in their hop, the parallel wave's seconds), dropped sites,
+bytes relayed, bytes per parameter, seconds, whether the aggregate was applied, whether any
 received public context was private (never, unless a site misbehaves: then it is flagged and never relayed), and the
 relay record: one entry per message set (attempt, kind, direction, site, item, count, bytes, sha256 over the items'
 sha256 digests) -- sizes and hashes, never the bytes.
@@ -115,6 +122,7 @@ class CSAHEScatterAndGather(Controller):
         train_task_name: str = AppConstants.TASK_TRAIN,
         train_timeout: int = 0,
         hop_timeout: int = 600,
+        prepare: bool = True,
         weighting: str = "steps",
         min_ring_sites: int = MIN_SITES,
         record_file: str = "csahe_rounds.jsonl",
@@ -130,6 +138,8 @@ class CSAHEScatterAndGather(Controller):
                                  ("snapshot_every_n_rounds", snapshot_every_n_rounds, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"CSAHEScatterAndGather: {name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(prepare, bool):
+            raise ConfigError(f"CSAHEScatterAndGather: prepare must be true or false, got {prepare!r}")
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"CSAHEScatterAndGather: weighting must be 'steps' (FedGS / FedAvg: local steps) or "
                               f"'samples' (Per-FedAvg / PPPML-HMI: training samples), got {weighting!r}")
@@ -145,6 +155,7 @@ class CSAHEScatterAndGather(Controller):
         self.train_task_name = train_task_name
         self._train_timeout = train_timeout
         self.hop_timeout = hop_timeout
+        self.prepare = prepare
         self.weighting = weighting
         self.min_ring_sites = min_ring_sites
         self.record_file = record_file
@@ -164,7 +175,8 @@ class CSAHEScatterAndGather(Controller):
     # ------------------------------------------------------------------ start
     def start_controller(self, fl_ctx: FLContext) -> None:
         self.log_info(fl_ctx, "Initializing CSAHEScatterAndGather: FedAvg rounds with CSAHE ring-relay secure "
-                      f"aggregation (weighting={self.weighting}, hop_timeout={self.hop_timeout} s).")
+                      f"aggregation (weighting={self.weighting}, hop_timeout={self.hop_timeout} s, "
+                      f"pre-encryption={'on' if self.prepare else 'off'}).")
         self._phase = AppConstants.PHASE_INIT
         self.shareable_gen = self._engine.get_component(self.shareable_generator_id)
         if not isinstance(self.shareable_gen, ShareableGenerator):
@@ -336,29 +348,65 @@ class CSAHEScatterAndGather(Controller):
         client_task.result = None
 
     # ------------------------------------------------------------------ the ring
+    def _task(self, kind: str, payload: dict, rnd: int) -> Task:
+        shareable = DXO(data_kind=DataKind.APP_DEFINED, data=payload, meta={"csahe_kind": kind}).to_shareable()
+        shareable.set_header(AppConstants.CURRENT_ROUND, rnd)
+        return Task(name=TASK_NAMES[kind], data=shareable, timeout=self.hop_timeout)
+
+    def _reply(self, task: Task, kind: str) -> Any:
+        """The ring reply of a finished task (a dict), a ``SendFailed`` marker, or raises ``TimeoutError``."""
+        result = task.client_tasks[0].result if task.client_tasks else None
+        if result is None:
+            raise TimeoutError(f"no reply to {task.name} within hop_timeout={self.hop_timeout} s "
+                               f"(task status {task.completion_status})")
+        rc = result.get_return_code()
+        if rc and rc != ReturnCode.OK:
+            return SendFailed(f"the site returned {rc} for {task.name}")
+        dxo = from_shareable(result)
+        if kind == "finish":
+            if dxo.data_kind != DataKind.WEIGHT_DIFF:
+                return SendFailed(f"the finish reply is {dxo.data_kind}, not WEIGHT_DIFF")
+            return {"aggregate": dxo.data}
+        return dxo.data
+
     def _send(self, fl_ctx: FLContext, abort_signal: Signal, rnd: int):
         def send(site: str, kind: str, payload: dict) -> Any:
-            shareable = DXO(data_kind=DataKind.APP_DEFINED, data=payload, meta={"csahe_kind": kind}).to_shareable()
-            shareable.set_header(AppConstants.CURRENT_ROUND, rnd)
-            task = Task(name=TASK_NAMES[kind], data=shareable, timeout=self.hop_timeout)
+            task = self._task(kind, payload, rnd)
             self.send_and_wait(task=task, fl_ctx=fl_ctx, targets=[site], abort_signal=abort_signal)
             if abort_signal.triggered:
                 raise RingAborted("the run was aborted")
-            result = task.client_tasks[0].result if task.client_tasks else None
-            if result is None:
-                raise TimeoutError(f"no reply to {task.name} within hop_timeout={self.hop_timeout} s "
-                                   f"(task status {task.completion_status})")
-            rc = result.get_return_code()
-            if rc and rc != ReturnCode.OK:
-                return SendFailed(f"the site returned {rc} for {task.name}")
-            dxo = from_shareable(result)
-            if kind == "finish":
-                if dxo.data_kind != DataKind.WEIGHT_DIFF:
-                    return SendFailed(f"the finish reply is {dxo.data_kind}, not WEIGHT_DIFF")
-                return {"aggregate": dxo.data}
-            return dxo.data
+            return self._reply(task, kind)
 
         return send
+
+    def _send_many(self, fl_ctx: FLContext, abort_signal: Signal, rnd: int):
+        """The parallel wave: one Task per (site, kind, payload), all scheduled at once (``send``, non-blocking),
+        then awaited together; returns one reply (or the exception, e.g. ``TimeoutError``) per call."""
+
+        def send_many(calls: list) -> list:
+            tasks = []
+            for site, kind, payload in calls:
+                task = self._task(kind, payload, rnd)
+                self.send(task=task, fl_ctx=fl_ctx, targets=[site])
+                tasks.append((task, kind))
+            while any(task.completion_status is None for task, _ in tasks):
+                if abort_signal.triggered:
+                    for task, _ in tasks:
+                        if task.completion_status is None:
+                            self.cancel_task(task, fl_ctx=fl_ctx)
+                    raise RingAborted("the run was aborted")
+                time.sleep(self._task_check_period)
+            if abort_signal.triggered:
+                raise RingAborted("the run was aborted")
+            out = []
+            for task, kind in tasks:
+                try:
+                    out.append(self._reply(task, kind))
+                except Exception as exc:  # noqa: BLE001  (a timeout or unreadable reply: that site's failure)
+                    out.append(exc)
+            return out
+
+        return send_many
 
     def _ring(self, rnd: int, fl_ctx: FLContext, abort_signal: Signal) -> RingOutcome:
         spec, shapes, integer_keys = self._layout
@@ -373,12 +421,17 @@ class CSAHEScatterAndGather(Controller):
         return secure_aggregate(sorted(self._meta), counts, self._send(fl_ctx, abort_signal, rnd), rng=self._rng,
                                 log=log, min_sites=self.min_ring_sites, expected_count=spec.n_ciphertexts,
                                 layout_digest=spec.digest(), n_values=spec.size, check_result=check,
-                                label="CSAHE", extra={"round": rnd})
+                                label="CSAHE", extra={"round": rnd}, prepare=self.prepare,
+                                send_many=self._send_many(fl_ctx, abort_signal, rnd))
 
     def _aggregation_result(self, rnd: int, outcome: RingOutcome, fl_ctx: FLContext) -> Shareable:
         order = outcome.attempts[-1].order if outcome.attempts else []
         line = (f"round {rnd}: CSAHE ring order {order}, {len(outcome.attempts)} attempt(s), "
                 f"{outcome.bytes_relayed / 1e6:.1f} MB relayed, {outcome.seconds:.2f} s")
+        if self.prepare and outcome.attempts:
+            last = outcome.attempts[-1]
+            line += (f" (pre-encrypted: {last.prepared}, encrypted in the hop: {last.in_hop}, parallel wave "
+                     f"{last.wave_seconds:.2f} s)")
         if outcome.ok:
             total = sum(float(self._meta[s]["steps"]) for s in outcome.sites)
             self.log_info(fl_ctx, f"{line}; aggregated {len(outcome.sites)} site(s) {sorted(outcome.sites)}"
@@ -404,6 +457,7 @@ class CSAHEScatterAndGather(Controller):
             "round": rnd,
             "time": time.time(),
             "weighting": self.weighting,
+            "prepare": self.prepare,
             "participants": sorted(self._meta),
             "counts": {s: float(m["steps"] if self.weighting == "steps" else m["n_samples"])
                        for s, m in self._meta.items()},
