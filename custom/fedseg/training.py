@@ -209,61 +209,77 @@ class LocalTrainer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # ------------------------------------------------------------------ training
-    def train_round(self, global_state: Mapping[str, Any], should_stop: Callable[[], bool] | None = None) -> RoundResult:
+    def train_round(self, global_state: Mapping[str, Any],
+                    should_stop: Callable[[], bool] | None = None) -> RoundResult:
         """One round of local training from ``global_state``; ``should_stop()`` is polled every step (abort)."""
         if self.cfg.algorithm == "perfedavg":
             return self._train_round_perfedavg(global_state, should_stop)
         cfg = self.cfg
-        load_state(self.model, global_state)
-        global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        global_state = self._start_round(global_state)
         if self._optimizer is None or cfg.reset_optimizer:
             self._optimizer = self._make_optimizer()
         opt = self._optimizer
-        self.model.train()
         acc = FedGSAccumulator(self.model)
         n = len(self.train_data.delta)
         if n == 0:
             raise ConfigError("this site has no training samples")
         deltas = np.asarray(self.train_data.delta, dtype=np.float64)
         losses, t0 = [], time.perf_counter()
-        done = False
-        for _epoch in range(cfg.local_epochs):
-            order = self._rng.permutation(n)
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                eta = batch_eta(deltas[idx]) if cfg.aggregation == "fedgs" else 1.0
-                x, y, _ = self._batch(self.train_data, idx)
-                if self.augment_fn is not None:
-                    x, y = self.augment_fn(x, y, generator=self._gen)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=self.device.type, enabled=self._amp):
-                    loss = self._batch_loss(self.model, x, y)
-                if self._scaler is not None:
-                    self._scaler.scale(loss).backward()
-                    with acc.step(eta):
-                        self._scaler.step(opt)
-                    self._scaler.update()
-                else:
-                    loss.backward()
-                    with acc.step(eta):
-                        opt.step()
-                losses.append(float(loss.detach()))
-                if should_stop is not None and should_stop():
-                    raise InterruptedError("local training was aborted")
-                if cfg.max_steps_per_round and acc.steps >= cfg.max_steps_per_round:
-                    done = True
-                    break
-            if done:
-                break
-        update = model_update(self.model, acc.result(), global_state)
-        metrics = {
+
+        def batches(order):
+            return (order[start: start + cfg.batch_size] for start in range(0, n, cfg.batch_size))
+
+        def step(idx):
+            eta = batch_eta(deltas[idx]) if cfg.aggregation == "fedgs" else 1.0
+            x, y, _ = self._batch(self.train_data, idx)
+            if self.augment_fn is not None:
+                x, y = self.augment_fn(x, y, generator=self._gen)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.device.type, enabled=self._amp):
+                loss = self._batch_loss(self.model, x, y)
+            if self._scaler is not None:
+                self._scaler.scale(loss).backward()
+                with acc.step(eta):
+                    self._scaler.step(opt)
+                self._scaler.update()
+            else:
+                loss.backward()
+                with acc.step(eta):
+                    opt.step()
+            losses.append(float(loss.detach()))
+
+        self._run_epochs(n, batches, step, acc, should_stop)
+        return self._round_result(acc, global_state, t0, n, {
             "train_loss": float(np.mean(losses)),
             "eta_mean": acc.mean_eta,
             "scaled_step_fraction": acc.scaled_steps / max(acc.steps, 1),
-            "train_seconds": time.perf_counter() - t0,
-            "n_samples": n,
-        }
+        })
+
+    def _start_round(self, global_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Load the global model, switch to train mode; returns a detached copy of the loaded state."""
+        load_state(self.model, global_state)
+        self.model.train()
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _run_epochs(self, n: int, units: Callable[[np.ndarray], Any], step: Callable[[Any], None],
+                    acc: FedGSAccumulator, should_stop: Callable[[], bool] | None) -> None:
+        """``local_epochs`` passes over a fresh permutation of the ``n`` samples: ``units(order)`` cuts it into
+        optimisation steps, ``step(unit)`` takes one; stops at ``max_steps_per_round`` or on abort."""
+        cap = self.cfg.max_steps_per_round
+        for _epoch in range(self.cfg.local_epochs):
+            order = self._rng.permutation(n)
+            for unit in units(order):
+                step(unit)
+                if should_stop is not None and should_stop():
+                    raise InterruptedError("local training was aborted")
+                if cap and acc.steps >= cap:
+                    return
+
+    def _round_result(self, acc: FedGSAccumulator, global_state: Mapping[str, torch.Tensor], t0: float, n: int,
+                      metrics: dict[str, float]) -> RoundResult:
+        update = model_update(self.model, acc.result(), global_state)
+        metrics = {**metrics, "train_seconds": time.perf_counter() - t0, "n_samples": n}
         return RoundResult(update=update, steps=acc.steps, metrics=metrics)
 
     # ------------------------------------------------------------------ Per-FedAvg
@@ -289,40 +305,26 @@ class LocalTrainer:
         if n < k:
             raise ConfigError(f"Per-FedAvg ({cfg.perfedavg_variant}) needs {k} disjoint batches per meta-step, but "
                               f"this site has {n} training sample(s); use a site with at least {k} samples")
-        load_state(self.model, global_state)
-        global_state = {key: v.detach().clone() for key, v in self.model.state_dict().items()}
-        self.model.train()
+        global_state = self._start_round(global_state)
         net = self._loss_module(self.model)
         acc = FedGSAccumulator(self.model)  # eta = 1 on every step: result() is w_0 - w_T
         losses, meta_losses, t0 = [], [], time.perf_counter()
-        done = False
-        for _epoch in range(cfg.local_epochs):
-            order = self._rng.permutation(n)
-            for chunks in self.meta_step_groups(order, cfg.batch_size, k):
-                batches = [self._prepared(self.train_data, idx, self._gen) for idx in chunks]
-                with acc.step(1.0):
-                    out = perfedavg_step(net, _pending_loss, batches[0], batches[1], cfg.alpha, cfg.beta,
-                                         variant=cfg.perfedavg_variant,
-                                         batch_d2=batches[2] if k == 3 else None)
-                losses.append(out["loss"])
-                meta_losses.append(out["meta_loss"])
-                if should_stop is not None and should_stop():
-                    raise InterruptedError("local training was aborted")
-                if cfg.max_steps_per_round and acc.steps >= cfg.max_steps_per_round:
-                    done = True
-                    break
-            if done:
-                break
-        update = model_update(self.model, acc.result(), global_state)
-        metrics = {
+
+        def step(chunks):
+            batches = [self._prepared(self.train_data, idx, self._gen) for idx in chunks]
+            with acc.step(1.0):
+                out = perfedavg_step(net, _pending_loss, batches[0], batches[1], cfg.alpha, cfg.beta,
+                                     variant=cfg.perfedavg_variant, batch_d2=batches[2] if k == 3 else None)
+            losses.append(out["loss"])
+            meta_losses.append(out["meta_loss"])
+
+        self._run_epochs(n, lambda order: self.meta_step_groups(order, cfg.batch_size, k), step, acc, should_stop)
+        return self._round_result(acc, global_state, t0, n, {
             "train_loss": float(np.mean(losses)),  # f(w; D) before each meta-step
             "meta_loss": float(np.mean(meta_losses)),  # f(w_tmp; D')
             "eta_mean": 1.0,  # the update is -G with eta = 1 (no FedGS scaling)
             "scaled_step_fraction": 0.0,
-            "train_seconds": time.perf_counter() - t0,
-            "n_samples": n,
-        }
-        return RoundResult(update=update, steps=acc.steps, metrics=metrics)
+        })
 
     # ------------------------------------------------------------------ final local adaptation
     def _adaptation_batches(self, steps: int) -> list:
