@@ -222,21 +222,19 @@ def evaluate_on(trainer, data, part: str) -> dict[str, Any]:
     return out
 
 
-def _set_threads(settings: BaselineSettings) -> None:
+def _begin(settings: BaselineSettings, sites: Sequence[str], load: Loader | None):
+    """Checked sites, the loader, the held-out part and the start time of a baseline run (threads set)."""
     if settings.num_threads:
         import torch
 
         torch.set_num_threads(int(settings.num_threads))
+    return _check_sites(sites), load or site_loader(settings), settings.held_out_part, time.perf_counter()
 
 
 def run_local(settings: BaselineSettings, sites: Sequence[str], load: Loader | None = None, cross_site: bool = True,
               progress: bool = True) -> BaselineResult:
     """Independent training: one model per site on its own train part (module docstring)."""
-    sites = _check_sites(sites)
-    load = load or site_loader(settings)
-    _set_threads(settings)
-    part = settings.held_out_part
-    t0 = time.perf_counter()
+    sites, load, part, t0 = _begin(settings, sites, load)
     rows, matrix, models = {}, ({} if cross_site else None), {}
     for site in sites:
         trainer, trained = train_model(settings, load(site, "train"), site, site_seed(settings.seed, site), progress)
@@ -256,11 +254,7 @@ def run_central(settings: BaselineSettings, sites: Sequence[str], load: Loader |
     """Centralized training: one model on the pooled train parts of ``sites`` (module docstring)."""
     from fedseg.data.pooled import PooledData
 
-    sites = _check_sites(sites)
-    load = load or site_loader(settings)
-    _set_threads(settings)
-    part = settings.held_out_part
-    t0 = time.perf_counter()
+    sites, load, part, t0 = _begin(settings, sites, load)
     pooled = PooledData([load(s, "train") for s in sites], names=sites)
     trainer, trained = train_model(settings, pooled, "central", settings.seed, progress)
     rows = {}
