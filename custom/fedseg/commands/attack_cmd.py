@@ -174,8 +174,9 @@ def _builtin_lits(size: int, index: int | None) -> Target:
     ds = load_lits_site(source, "site-1", "train", LiTSPreprocessing(image_size=size), progress=True)
     t = _from_dataset(ds, index, size, {"source": "built-in synthetic LiTS, site-1 train (tumour slices)"})
     t.value_range = (-1.0, 1.0)  # LiTS: HU window [-200, 200] mapped to [-1, 1]
-    t.info["case"] = ds.manifest[t.info["index"]].get("case")
-    t.info["slice"] = ds.manifest[t.info["index"]].get("slice")
+    record = ds.manifest[t.info["index"]]
+    t.info.update(volume=record.get("volume"), slice=record.get("slice_index"),
+                  tumour_pixels_native=record.get("tumour_pixels"))
     return t
 
 
@@ -343,7 +344,7 @@ def _describe(scenario: str, info: dict[str, Any]) -> str:
         how = (f"decrypted from {info['ciphertexts']} ciphertexts" if info["method"] == "decrypt"
                else "plaintext + CSPRNG mask (no CKKS)")
         return (f"-(w_I Delta + R) / (w_I lr), R ~ N(0, {info['sigma']:g}^2), w_I = {info['weight']:.3g}, {how}; "
-                f"\\|w_I Delta\\| / \\|R\\| = {info['snr']:.1e}")
+                f"|w_I Delta| / |R| = {info['snr']:.1e}")
     return f"-DP(Delta) / lr, epsilon = {info.get('epsilon')}"
 
 
@@ -402,7 +403,7 @@ def _run(args, scenarios, mechanism, config) -> int:
     loss_fn = idlg.make_loss(args.loss)
     update = idlg.local_sgd_update(model, x, y, loss_fn, args.lr)
     lo, hi = target.value_range
-    print(f"target: {target.info.get('source')} (index {target.info.get('index', target.info.get('slice'))}), "
+    print(f"target: {target.info.get('source')} ({_where(target.info)}), "
           f"{c}x{s}x{s}, {int(target.mask.sum())} lesion pixels; model {args.model}: {n_params:,} parameters")
 
     out = Path(args.out)
@@ -487,12 +488,21 @@ def _fmt(v, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def _where(d: dict[str, Any]) -> str:
+    parts = [f"sample {d['index']}"] if d.get("index") is not None else []
+    if d.get("volume"):
+        parts.append(f"{d['volume']}")
+    if d.get("slice") is not None:
+        parts.append(f"slice {d['slice']}")
+    return " ".join(parts) or "the image"
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     d, m, v = summary["data"], summary["model"], summary["victim"]
     cfg = summary["attack_config"]
     lines = [
         f"# iDLG gradient inversion: {m['name']} ({m['parameters']:,} parameters)\n",
-        (f"Target: {d.get('source')}, index {d.get('index', d.get('slice'))}, image {d['image_shape']}, "
+        (f"Target: {d.get('source')}, {_where(d)}, image {d['image_shape']}, "
         f"{d['lesion_pixels']} lesion pixels, intensities in {d['value_range']}. Victim: one plain-SGD step, batch 1, "
         f"{v['loss']} loss, lr {v['lr']:g}. Attack: {cfg['optimizer']} (step {cfg['step_size']:g}), match "
         f"{cfg['match']}, TV weight {cfg['tv_weight']:g}, {cfg['iterations']} iterations, seed {cfg['seed']}.\n"),
@@ -500,7 +510,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in summary["scenarios"].items():
-        lines.append(f"| {name} | {r['observed']} | {_fmt(r['psnr'])} | {_fmt(r['ssim'], 3)} | "
+        observed = r["observed"].replace("|", "\\|")
+        lines.append(f"| {name} | {observed} | {_fmt(r['psnr'])} | {_fmt(r['ssim'], 3)} | "
                      f"{_fmt(r['mask_dice'], 3)} | {r['label']} | {r['iterations']} | {_fmt(r['seconds'], 1)} |")
     names = {"constant": "no gradient: constant mid-range image", "uniform_random": "no gradient: uniform random image"}
     for key, b in summary["baselines"].items():
