@@ -658,14 +658,14 @@ def run_ring(
     public = initiator.public_context_bytes()
     messages = initiator.start()
     prepared: dict[str, Prepared] = {}
-    if prepare:
-        for site in order[2:]:
-            log.append(RelayMessage(order[0], site, "public_context", public))
-            prepared[site] = member_prepare(site, public, updates[site], weights[site])
     sender = order[0]
-    for site in order[1:]:
+    for i, site in enumerate(order[1:]):
         log.append(RelayMessage(sender, site, "public_context", public))
         log.extend(RelayMessage(sender, site, "ciphertext", m) for m in messages)
+        if prepare and i == 0:  # the parallel wave: the first member's hop and the later members' prepare
+            for later in order[2:]:
+                log.append(RelayMessage(order[0], later, "public_context", public))
+                prepared[later] = member_prepare(later, public, updates[later], weights[later])
         messages = member_hop(site, public, messages, updates[site], weights[site], hop=f"hop {sender} -> {site}",
                               prepared=prepared.pop(site, None))
         sender = site
