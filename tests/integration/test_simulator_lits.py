@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedseg.data.synthetic import synth_lits
 from fedseg.jobs.recipes import JOBS
 
 pytestmark = pytest.mark.integration
@@ -18,14 +17,6 @@ TINY = dict(num_rounds=2, local_epochs=1, max_steps_per_round=3, min_clients=2, 
             data_args={"image_size": 32, "min_tumour_pixels": 4}, model_args={"base_chan": 4},
             test_every_n_rounds=1)
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_lits")
-    synth_lits(root, preset="tiny", seed=1, progress=False)
-    cfg = root.parent / "fedseg_data.json"
-    cfg.write_text(json.dumps({"lits": {"root": str(root)}}))
-    return root, cfg
 
 
 POISON_FILTER = """
