@@ -122,7 +122,8 @@ def test_csahe_jobs_use_the_ring_controller_and_keep_updates_at_the_sites(name):
     assert "aggregator" not in {c["id"] for c in server["components"]}  # nothing aggregates plaintext updates
     assert server["workflows"][1]["path"].endswith("FinalEvaluation")
     client = json.loads((job_dir / "app/config/config_fed_client.json").read_text())
-    assert client["executors"][0]["tasks"] == ["train", "validate", "csahe_start", "csahe_hop", "csahe_finish"]
+    assert client["executors"][0]["tasks"] == ["train", "validate", "csahe_start", "csahe_prepare", "csahe_hop",
+                                             "csahe_finish"]
     args = _client_args(job_dir)
     assert args["secure_aggregation"] == "csahe" and args["csahe_sigma"] == 1e4
     assert "algorithm" not in args  # Per-FedAvg settings appear only in jobs that use them
