@@ -189,23 +189,25 @@ def csahe_round(updates: dict, counts: dict, order=None, sigma: float = SIGMA, s
     prepared, branches = {}, []  # branches of the parallel wave: (CPU s, wall s)
     sender = init_site
     for i, site in enumerate(order[1:]):
+        wave = prepare and i == 0  # the wave: the later members prepare while the first member hops
         log.append(csahe.RelayMessage(sender, site, "public_context", public))
         log.extend(csahe.RelayMessage(sender, site, "ciphertext", m) for m in messages)
-        if prepare and i == 0:  # the wave: the later members prepare while the first member hops
-            for later in order[2:]:
-                log.append(csahe.RelayMessage(init_site, later, "public_context", public))
-                with clock(later, PREPARE):
-                    prepared[later] = csahe.member_prepare(later, public, updates[later], weights[later])
-                _, _, wall, cpu = clock.events[-1]
-                branches.append((cpu, wall))
+        if wave:
+            log.extend(csahe.RelayMessage(init_site, later, "public_context", public) for later in order[2:])
         n_events = len(clock.events)
         with clock(site, HOP_PREPARED if site in prepared else HOP):
             messages = csahe.member_hop(site, public, messages, updates[site], weights[site],
                                         hop=f"hop {sender} -> {site}", prepared=prepared.pop(site, None))
         server_checks(public, messages, site)
-        if prepare and i == 0:
+        if wave:
             first = clock.events[n_events:]
-            branches.insert(0, (sum(e[3] for e in first), sum(e[2] for e in first)))
+            branches.append((sum(e[3] for e in first), sum(e[2] for e in first)))
+            # run after the first hop (one process holds every member's prepared ciphertexts; a site holds its own)
+            for later in order[2:]:
+                with clock(later, PREPARE):
+                    prepared[later] = csahe.member_prepare(later, public, updates[later], weights[later])
+                _, _, wall, cpu = clock.events[-1]
+                branches.append((cpu, wall))
         sender = site
     log.extend(csahe.RelayMessage(sender, init_site, "ciphertext", m) for m in messages)
     n_messages = len(messages)
