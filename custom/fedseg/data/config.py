@@ -1,6 +1,7 @@
 """Site-local data configuration: where each FLARE site finds its data, without editing the job.
 
-A job only names a dataset (``"lits"``, ``"polypgen"`` or ``"covid"``). Each site decides *where* that data lives, in this order:
+A job only names a dataset (``"lits"``, ``"polypgen"`` or ``"covid"``). Each site decides *where* that data lives,
+in this order:
 
 1. ``<workspace_root>/local/fedseg_data.json`` -- FLARE's site-local folder. In a provisioned system
    ``workspace_root`` is the site's startup kit (``<kit>/local/``); under ``nvflare simulator -w WS`` the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import os
 import uuid
@@ -308,8 +310,9 @@ def _builtin_marker_ok(root: Path, expected: dict[str, Any]) -> bool:
     return all(found.get(k) == v for k, v in expected.items())
 
 
-def _ensure_builtin(dataset: str, version: int, generate: Any, progress: bool, preset: str, seed: int) -> Path:
-    """Generate ``generate(out_dir, preset=, seed=, progress=)`` once into :func:`builtin_data_root` (lock-safe)."""
+def _ensure_builtin(dataset: str, generator: str, version: int, progress: bool, preset: str, seed: int) -> Path:
+    """Run the generator ``"module:function"`` as ``function(out_dir, preset=, seed=, progress=)`` once into
+    :func:`builtin_data_root` (lock-safe); the module (scipy, nibabel, ...) is imported only when generating."""
     root = builtin_data_root(dataset)
     expected = {"generator_version": version, "preset": preset, "seed": int(seed)}
     if _builtin_marker_ok(root, expected):
@@ -325,6 +328,8 @@ def _ensure_builtin(dataset: str, version: int, generate: Any, progress: bool, p
             return root
         from fedseg.data.cache import building_folder  # cache imports this module
 
+        module, _, function = generator.partition(":")
+        generate = getattr(importlib.import_module(module), function)
         with building_folder(root) as tmp:  # temporary sibling, renamed onto root once complete
             generate(tmp, preset=preset, seed=seed, progress=progress)
             marker = dict(expected, generation_id=uuid.uuid4().hex, pid=os.getpid())
@@ -340,12 +345,7 @@ def ensure_builtin_lits(progress: bool = False, *, preset: str = "quick", seed: 
     marker file (written inside before the rename) records the generator version, preset and seed. A copy
     from another generator version/preset/seed is replaced. ``preset``/``seed`` exist for tests.
     """
-    def generate(out: Path, **kw: Any) -> None:
-        from fedseg.data.synthetic import synth_lits  # scipy: only when generating
-
-        synth_lits(out, **kw)
-
-    return _ensure_builtin("lits", BUILTIN_LITS_VERSION, generate, progress, preset, seed)
+    return _ensure_builtin("lits", "fedseg.data.synthetic:synth_lits", BUILTIN_LITS_VERSION, progress, preset, seed)
 
 
 def ensure_builtin_polypgen(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
@@ -354,12 +354,8 @@ def ensure_builtin_polypgen(progress: bool = False, *, preset: str = "quick", se
     Same protocol as :func:`ensure_builtin_lits` (lock, temporary folder + rename, marker with the generator
     version, preset and seed).
     """
-    def generate(out: Path, **kw: Any) -> None:
-        from fedseg.data.synthetic_polypgen import synth_polypgen
-
-        synth_polypgen(out, **kw)
-
-    return _ensure_builtin("polypgen", BUILTIN_POLYPGEN_VERSION, generate, progress, preset, seed)
+    return _ensure_builtin("polypgen", "fedseg.data.synthetic_polypgen:synth_polypgen", BUILTIN_POLYPGEN_VERSION,
+                           progress, preset, seed)
 
 
 def ensure_builtin_covid(progress: bool = False, *, preset: str = "quick", seed: int = 0) -> Path:
@@ -368,9 +364,5 @@ def ensure_builtin_covid(progress: bool = False, *, preset: str = "quick", seed:
     Same protocol as :func:`ensure_builtin_lits` (lock, temporary folder + rename, marker with the generator
     version, preset and seed).
     """
-    def generate(out: Path, **kw: Any) -> None:
-        from fedseg.data.synthetic_covid import synth_covid
-
-        synth_covid(out, **kw)
-
-    return _ensure_builtin("covid", BUILTIN_COVID_VERSION, generate, progress, preset, seed)
+    return _ensure_builtin("covid", "fedseg.data.synthetic_covid:synth_covid", BUILTIN_COVID_VERSION,
+                           progress, preset, seed)
