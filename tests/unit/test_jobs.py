@@ -218,3 +218,72 @@ def test_pppml_covid_quick_and_fedavg_covid_share_data_model_and_rounds():
     assert {k: getattr(p, k) for k in same} == {k: getattr(f, k) for k in same}
     assert (p.algorithm, p.secure_aggregation) == ("perfedavg", "csahe")
     assert (f.algorithm, f.secure_aggregation) == ("sgd", "none")
+
+
+# ---------------------------------------------------------------------- HE and DP jobs (issue 5)
+def _client(job_dir: Path) -> dict:
+    return json.loads((job_dir / "app/config/config_fed_client.json").read_text())
+
+
+def _result_filters(job_dir: Path) -> list[str]:
+    return [f["path"] for group in _client(job_dir)["task_result_filters"] for f in group["filters"]]
+
+
+def test_dp_runs_before_he_in_the_exported_jobs():
+    """Noise must be added to the plaintext update, then encrypted: DP filter first, HE encryptor last."""
+    assert _result_filters(REPO / "jobs/fedgs_lits_adp_he") == ["fedseg.flare.dp_filter.AdaptiveDPFilter",
+                                                                 "fedseg.flare.he.HEModelEncryptor"]
+    assert _result_filters(REPO / "jobs/fedgs_lits_adp") == ["fedseg.flare.dp_filter.AdaptiveDPFilter"]
+    assert _result_filters(REPO / "jobs/fedgs_lits_he") == ["fedseg.flare.he.HEModelEncryptor"]
+    for name in ("fedgs_lits_adp_he", "fedgs_lits_he"):
+        group = _client(REPO / "jobs" / name)["task_data_filters"]
+        assert group == [{"tasks": ["train", "validate"], "filters": [
+            {"path": "fedseg.flare.he.HEModelDecryptor", "args": {"tenseal_context_file": "client_context.tenseal"}}]}]
+        assert next(g for g in _client(REPO / "jobs" / name)["task_result_filters"])["tasks"] == ["train"]
+
+
+def test_plain_jobs_have_no_privacy_filters_or_settings():
+    for name in ("fedgs_lits", "fedavg_lits", "fedgs_lits_csahe", "pppml_covid"):
+        client = _client(REPO / "jobs" / name)
+        assert client["task_result_filters"] == [] and client["task_data_filters"] == []
+        assert not {"he", "dp", "dp_epsilon"} & set(JOBS[name].summary()), name
+
+
+def test_he_job_is_fedgs_lits_with_flare_he_on_the_server():
+    server = _server(REPO / "jobs/fedgs_lits_he")
+    comps = {c["id"]: c for c in server["components"]}
+    assert comps["aggregator"]["path"] == "fedseg.flare.he.HEAggregator"
+    assert comps["aggregator"]["args"]["weigh_by_local_iter"] is False  # the encryptor weighs by steps
+    assert comps["shareable_generator"]["path"] == "fedseg.flare.he.HEModelShareableGenerator"
+    assert comps["persistor"]["args"]["filter_id"] == "serialize_filter"
+    assert comps["serialize_filter"]["path"] == "fedseg.flare.he.HEModelSerializeFilter"
+    assert "test_evaluator" not in comps and "best_model" not in comps  # the server holds no secret key
+    final = server["workflows"][1]["args"]
+    assert final["encrypted_model"] is True and final["test_evaluator_id"] == "" and final["best_model_id"] == ""
+    enc = next(f for g in _client(REPO / "jobs/fedgs_lits_he")["task_result_filters"] for f in g["filters"])
+    assert enc["args"]["weigh_by_local_iter"] is True
+    he, plain = JOBS["fedgs_lits_he"].summary(), JOBS["fedgs_lits"].summary()
+    changed = {k for k in he if he[k] != plain.get(k)}  # he_encrypt_layers None: every tensor, as FLARE's default
+    assert changed == {"job_name", "description", "he", "test_every_n_rounds"}
+
+
+def test_dp_jobs_differ_only_in_clipping_and_he():
+    adp, fixed, both = (JOBS[n].summary() for n in ("fedgs_lits_adp", "fedgs_lits_dp_fixed", "fedgs_lits_adp_he"))
+    assert adp["dp"] == "adaptive" and fixed["dp"] == "fixed" and both["dp"] == "adaptive"
+    assert {k for k in adp if adp[k] != fixed[k]} == {"job_name", "description", "dp"}
+    assert {k for k in adp if adp.get(k) != both.get(k)} | {k for k in both if k not in adp} == {
+        "job_name", "description", "he", "he_encrypt_layers", "test_every_n_rounds"}
+    server = _server(REPO / "jobs/fedgs_lits_adp")
+    assert any(c["id"] == "privacy_recorder" for c in server["components"])
+    assert server["workflows"][1]["args"]["privacy_recorder_id"] == "privacy_recorder"
+
+
+def test_bad_privacy_settings_are_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="dp must be one of"):
+        replace(JOBS["fedgs_lits"], dp="laplace")
+    with pytest.raises(ValueError, match="dp_budget_action"):
+        replace(JOBS["fedgs_lits_adp"], dp_budget_action="abort")
+    with pytest.raises(ValueError, match="choose one"):
+        replace(JOBS["fedgs_lits_csahe"], he=True)

@@ -44,10 +44,23 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "algorithm": "sgd", "perfedavg_variant": "fo", "alpha": 1e-3, "beta": 1e-4, "adaptation_steps": 0,
     "secure_aggregation": "none", "csahe_sigma": 1e4, "hop_timeout": 600, "csahe_weighting": "steps",
     "csahe_task_request_interval": 0.5,
+    "he": False, "he_encrypt_layers": None,
+    "dp": "none", "dp_mechanism": "laplace", "dp_epsilon": 1.0, "dp_delta": 1e-5, "dp_clip_init": 1.0,
+    "dp_percentile": 50.0, "dp_quantile_epsilon": 0.1, "dp_clip_lr": 0.2, "dp_per_layer": False,
+    "dp_adjacency": "replace", "dp_budget_epsilon": None, "dp_budget_action": "warn",
 }
+_DP_FIELDS = ("dp", "dp_mechanism", "dp_epsilon", "dp_delta", "dp_clip_init", "dp_percentile", "dp_quantile_epsilon",
+              "dp_clip_lr", "dp_per_layer", "dp_adjacency", "dp_budget_epsilon", "dp_budget_action")
 _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptation_steps"),
                     ("secure_aggregation", "csahe_sigma", "hop_timeout", "csahe_weighting",
-                     "csahe_task_request_interval"))
+                     "csahe_task_request_interval"),
+                    ("he", "he_encrypt_layers"),
+                    _DP_FIELDS)
+DP_MODES = ("none", "adaptive", "fixed")
+BUDGET_ACTIONS = ("warn", "stop")
+# FLARE's TenSEAL context files (HEBuilder / `nvflare poc prepare -he` / `fedseg he-context` write them to startup/)
+CLIENT_CONTEXT = "client_context.tenseal"
+SERVER_CONTEXT = "server_context.tenseal"
 _EXECUTOR_ARGS = ("algorithm", "perfedavg_variant", "alpha", "beta", "adaptation_steps", "secure_aggregation",
                   "csahe_sigma")
 
@@ -95,6 +108,24 @@ class SegJob:
     # how soon an idle site asks for its next task (FLARE's server.task_request_interval, default 2 s): every ring
     # step is one task to one site, so this polling delay is paid once per hop
     csahe_task_request_interval: float = 0.5
+    # FLARE's own HE (nvflare.app_opt.he through fedseg.flare.he): sites encrypt their steps-weighted update with the
+    # shared TenSEAL context, the server aggregates ciphertexts and stores the global model encrypted
+    he: bool = False
+    he_encrypt_layers: Any = None  # None: every tensor; a list of names or a regex: only those (FLARE's encrypt_layers)
+    # Differential privacy of each site's update (fedseg.flare.dp_filter.AdaptiveDPFilter, a task-result filter that
+    # runs before encryption): "adaptive" clips at a noisy-quantile threshold (paper 003), "fixed" at dp_clip_init
+    dp: str = "none"  # "none" | "adaptive" | "fixed"
+    dp_mechanism: str = "laplace"  # "laplace" (L1 clipping, the paper's) | "gaussian" (L2 clipping)
+    dp_epsilon: float = 1.0  # epsilon of one round's noised update
+    dp_delta: float = 1e-5  # delta of one round (gaussian only)
+    dp_clip_init: float = 1.0  # fixed threshold, or the adaptive threshold's data-independent start
+    dp_percentile: float = 50.0  # target percentile of update norms (adaptive)
+    dp_quantile_epsilon: float = 0.1  # epsilon per round of the noisy quantile estimate (adaptive)
+    dp_clip_lr: float = 0.2  # geometric step of the adaptive threshold
+    dp_per_layer: bool = False  # one threshold per tensor instead of one for the whole update
+    dp_adjacency: str = "replace"  # what one site's update may change to: "replace" (sensitivity 2C) | "add_remove"
+    dp_budget_epsilon: float | None = None  # total epsilon per site; None: no budget
+    dp_budget_action: str = "warn"  # at the budget: "warn" (log, keep releasing) | "stop" (the site stops releasing)
 
     def __post_init__(self):
         if self.secure_aggregation not in SECURE_AGGREGATIONS:
@@ -103,6 +134,14 @@ class SegJob:
         if self.csahe_weighting not in ("steps", "samples"):
             raise ValueError(f"job {self.name}: csahe_weighting must be 'steps' or 'samples', got "
                              f"{self.csahe_weighting!r}")
+        if self.dp not in DP_MODES:
+            raise ValueError(f"job {self.name}: dp must be one of {DP_MODES}, got {self.dp!r}")
+        if self.dp_budget_action not in BUDGET_ACTIONS:
+            raise ValueError(f"job {self.name}: dp_budget_action must be one of {BUDGET_ACTIONS}, got "
+                             f"{self.dp_budget_action!r}")
+        if self.he and self.secure_aggregation != "none":
+            raise ValueError(f"job {self.name}: he=True (FLARE's server-side HE aggregation) and secure_aggregation="
+                             f"{self.secure_aggregation!r} are two ways to hide updates; choose one")
         if self.secure_aggregation == "csahe" and self.min_clients < 3:
             raise ValueError(f"job {self.name}: CSAHE needs >= 3 sites per round (with 2 the initiator learns the "
                              f"other site's update); min_clients is {self.min_clients}")
@@ -154,8 +193,8 @@ class SegJob:
                 {"tasks": tasks,
                  "executor": {"path": "fedseg.flare.executor.SegmentationTrainer", "args": trainer_args}}
             ],
-            "task_data_filters": [],
-            "task_result_filters": [],
+            "task_data_filters": self._task_data_filters(),
+            "task_result_filters": self._task_result_filters(),
             "components": [
                 {"id": "analytic_sender", "path": "nvflare.app_opt.tracking.tb.tb_writer.TBWriter",
                  "args": {"event_type": ANALYTICS_EVENT}},
@@ -163,6 +202,31 @@ class SegJob:
                  "args": {"events_to_convert": [ANALYTICS_EVENT], "fed_event_prefix": "fed."}},
             ],
         }
+
+    def _task_result_filters(self) -> list[dict[str, Any]]:
+        """What a site's train result passes through before it leaves the site: DP noise first, then encryption
+        (noise must be added to the plaintext; the server only ever sees the noised update, encrypted)."""
+        filters = []
+        if self.dp != "none":
+            filters.append({"path": "fedseg.flare.dp_filter.AdaptiveDPFilter", "args": {
+                "mechanism": self.dp_mechanism, "epsilon": self.dp_epsilon, "delta": self.dp_delta,
+                "clipping": self.dp, "clip_init": self.dp_clip_init, "percentile": self.dp_percentile,
+                "quantile_epsilon": self.dp_quantile_epsilon, "clip_lr": self.dp_clip_lr,
+                "per_layer": self.dp_per_layer, "adjacency": self.dp_adjacency, "accountant": "auto",
+                "budget_epsilon": self.dp_budget_epsilon, "budget_action": self.dp_budget_action, "seed": None,
+                "analytic_sender_id": "analytic_sender"}})
+        if self.he:
+            filters.append({"path": "fedseg.flare.he.HEModelEncryptor", "args": {
+                "tenseal_context_file": CLIENT_CONTEXT, "encrypt_layers": self.he_encrypt_layers,
+                "weigh_by_local_iter": True}})
+        return [{"tasks": ["train"], "filters": filters}] if filters else []
+
+    def _task_data_filters(self) -> list[dict[str, Any]]:
+        """HE: the global model arrives encrypted (after round 0) for training and for the final evaluation."""
+        if not self.he:
+            return []
+        return [{"tasks": ["train", "validate"], "filters": [
+            {"path": "fedseg.flare.he.HEModelDecryptor", "args": {"tenseal_context_file": CLIENT_CONTEXT}}]}]
 
     def _training_workflow(self) -> dict[str, Any]:
         if self.secure_aggregation == "csahe":
@@ -207,11 +271,43 @@ class SegJob:
                           "every_n_rounds": self.test_every_n_rounds, "device": self.device}},
             ],
         }
+        if self.he:
+            self._use_he(config)
+        if self.dp != "none":
+            config["components"].append({"id": "privacy_recorder",
+                                         "path": "fedseg.flare.privacy_recorder.PrivacyRecorder", "args": {}})
+            config["workflows"][1]["args"]["privacy_recorder_id"] = "privacy_recorder"
         if self.secure_aggregation == "csahe":  # the ring controller aggregates; no plaintext aggregator
             config["components"] = [c for c in config["components"] if c["id"] != "aggregator"]
             config = {"format_version": 2, "server": {"task_request_interval": self.csahe_task_request_interval},
                       **{k: v for k, v in config.items() if k != "format_version"}}
         return config
+
+    @staticmethod
+    def _use_he(config: dict[str, Any]) -> None:
+        """FLARE's HE aggregation: ciphertext aggregator, shareable generator and persistor filter; the server holds
+        no secret key, so it neither evaluates the test centre nor keeps a best model (sites evaluate)."""
+        he_components = {
+            "aggregator": {"path": "fedseg.flare.he.HEAggregator",
+                           "args": {"expected_data_kind": "WEIGHT_DIFF", "weigh_by_local_iter": False}},
+            "shareable_generator": {"path": "fedseg.flare.he.HEModelShareableGenerator",
+                                    "args": {"tenseal_context_file": SERVER_CONTEXT}},
+        }
+        components = []
+        for c in config["components"]:
+            if c["id"] in ("test_evaluator", "best_model"):
+                continue
+            if c["id"] in he_components:
+                c = {"id": c["id"], **he_components[c["id"]]}
+            if c["id"] == "persistor":
+                c = {**c, "args": {**c["args"], "filter_id": "serialize_filter"}}
+            components.append(c)
+        components.append({"id": "serialize_filter", "path": "fedseg.flare.he.HEModelSerializeFilter",
+                           "args": {"tenseal_context_file": SERVER_CONTEXT}})
+        config["components"] = components
+        config["workflows"][1]["args"].update({"test_evaluator_id": "", "best_model_id": "",
+                                               "shareable_generator_id": "shareable_generator",
+                                               "encrypted_model": True})
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]},
@@ -437,6 +533,58 @@ FEDAVG_COVID = replace(
 )
 
 
+# FedGS with FLARE's own HE (nvflare.app_opt.he, DESIGN.md section 1): every site encrypts its steps-weighted update
+# -G with the project's shared TenSEAL context, the server adds ciphertexts and divides by the total steps (the same
+# step-weighted mean as FedGSAggregator) and stores the global model encrypted. Contexts: `fedseg he-context` for the
+# simulator, HEBuilder (provisioning) or `nvflare poc prepare -he`. The server cannot evaluate the test centre.
+LITS_HE = replace(
+    LITS_QUICK,
+    name="fedgs_lits_he",
+    description="FedGS on built-in synthetic LiTS-format data with FLARE's TenSEAL HE: sites encrypt their update, "
+    "the server aggregates ciphertexts and stores the global model encrypted (every site shares one secret key, the "
+    "server has none). Write the contexts first: fedseg he-context --workspace WS.",
+    he=True,
+    test_every_n_rounds=0,
+)
+
+# FedGS with adaptive differential privacy of each site's update (paper 003; DESIGN.md section 4): L1 clipping at a
+# threshold that tracks the median update norm (noisy quantile), Laplace noise scaled to the threshold. The per-round
+# epsilon is what a UTNet of ~1e6 parameters can learn with at this scale (docs/experiments/dp_sweep); see
+# docs/privacy/dp.md for what that guarantee means.
+LITS_ADP = replace(
+    LITS_QUICK,
+    name="fedgs_lits_adp",
+    description="FedGS on built-in synthetic LiTS-format data with adaptive differential privacy at every site "
+    "(L1 clipping at a noisy-quantile median threshold, Laplace noise, accountant in the results).",
+    dp="adaptive",
+    dp_mechanism="laplace",
+    dp_epsilon=1e4,
+    dp_clip_init=1000.0,
+    dp_percentile=50.0,
+    dp_quantile_epsilon=1.0,
+    dp_clip_lr=0.5,
+    dp_budget_epsilon=None,
+)
+# The comparison of paper 003: the same noise at a fixed clipping threshold (dp_clip_init).
+LITS_DP_FIXED = replace(
+    LITS_ADP,
+    name="fedgs_lits_dp_fixed",
+    description="FedGS on built-in synthetic LiTS-format data with fixed-clipping differential privacy (L1 clipping "
+    "at a fixed threshold, Laplace noise): the baseline of fedgs_lits_adp.",
+    dp="fixed",
+)
+# DP then HE: each site noises its update, then encrypts it; the server aggregates noised ciphertexts.
+LITS_ADP_HE = replace(
+    LITS_ADP,
+    name="fedgs_lits_adp_he",
+    description="FedGS on built-in synthetic LiTS-format data with adaptive DP then FLARE's TenSEAL HE at every "
+    "site (noise is added to the plaintext update, then it is encrypted). Write the contexts first: "
+    "fedseg he-context --workspace WS.",
+    he=True,
+    test_every_n_rounds=0,
+)
+
+
 def _fedavg(job: SegJob, name: str) -> SegJob:
     return replace(job, name=name, aggregation="fedavg",
                    description=job.description.replace("FedGS", "FedAvg (baseline: FedGS code path with eta = 1)", 1))
@@ -459,6 +607,10 @@ JOBS: dict[str, SegJob] = {
         PPPML_COVID_PAPER,
         FEDAVG_COVID,
         FEDAVG_COVID_PAPER,
+        LITS_HE,
+        LITS_ADP,
+        LITS_DP_FIXED,
+        LITS_ADP_HE,
     )
 }
 
