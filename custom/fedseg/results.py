@@ -8,6 +8,11 @@ sends ``"personalized"``: the same metric keys for the adapted model on the same
 the table gains "Dice (personalized)" / "DiceS (personalized)" / "DiceL (personalized)" columns and a row with the
 unweighted mean over sites, metrics.json gains ``site_means``, and ``personalized_bars.png`` (per site: global vs
 personalized Dice) is written.
+
+A run with differential privacy (``privacy``: :meth:`fedseg.flare.privacy_recorder.PrivacyRecorder.summary`) adds
+``"privacy"`` to metrics.json, writes it to ``privacy.json``, adds a "Privacy" section to results.md (per site:
+mechanism, clipping, rounds, epsilon per round and in total, delta, accountant, last threshold; then the guarantee in
+words) and plots cumulative epsilon and the clipping threshold per site and round (``privacy.png``).
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ def markdown_table(site_metrics: Mapping[str, Mapping[str, Any]], test_metrics: 
     if pers:
         head += " | ".join(f"{label} (personalized)" for _, label in METRICS) + " | "
     lines = [head + "images (small / large) |", "|---" * (5 + 3 * pers) + "|"]
-    counts = lambda m: f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
+    def counts(m):
+        return f"{m.get('n', '?')} ({m.get('n_small', '?')} / {m.get('n_large', '?')})"
+
     rows = [(f"{name} ({parts[name]})" if mixed else name, m, personalized_of(m), counts(m))
             for name, m in sorted(site_metrics.items())]
     if pers:
@@ -192,7 +199,8 @@ def plot_personalized_bars(site_metrics, out_png: Path, title: str = "") -> Path
     x = np.arange(len(names))
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names) + 2), 4))
-    for offset, vals, label in ((-width / 2, glob, "global model"), (width / 2, pers, "personalized (local adaptation)")):
+    for offset, vals, label in ((-width / 2, glob, "global model"),
+                                (width / 2, pers, "personalized (local adaptation)")):
         bars = ax.bar(x + offset, [v if v is not None else 0.0 for v in vals], width, label=label)
         for b, v in zip(bars, vals):
             if v is None:  # no value (the site sent none)
@@ -205,6 +213,88 @@ def plot_personalized_bars(site_metrics, out_png: Path, title: str = "") -> Path
     ax.set_title(title or "global vs personalized Dice per site")
     ax.legend(loc="upper left", ncol=2, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def combined_value(value: Any, mechanism: str | None) -> float | None:
+    """A per-layer DP report value (dict tensor -> number) as one number: the L1 sum (laplace) or the L2 norm
+    (gaussian) of the per-tensor values, i.e. the whole-update bound they add up to; a plain number unchanged."""
+    if isinstance(value, Mapping):
+        vals = [float(v) for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not vals:
+            return None
+        return float(math.sqrt(sum(v * v for v in vals))) if mechanism == "gaussian" else float(sum(vals))
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def privacy_series(privacy: Mapping[str, Any]) -> dict[str, dict[str, list[tuple]]]:
+    """{"epsilon_total" | "clip": {site: [(round, value), ...]}} from the by-round records of a privacy summary
+    (rounds without a DP report are skipped; per-layer thresholds combined with :func:`combined_value`)."""
+    out: dict[str, dict[str, list[tuple]]] = {"epsilon_total": defaultdict(list), "clip": defaultdict(list)}
+    for rec in privacy.get("by_round") or []:
+        report = rec.get("dp")
+        if not isinstance(report, Mapping) or rec.get("round") is None:
+            continue
+        eps = combined_value(report.get("epsilon_total"), report.get("mechanism"))
+        clip = combined_value(report.get("clip"), report.get("mechanism"))
+        if eps is not None:
+            out["epsilon_total"][str(rec.get("site"))].append((int(rec["round"]), eps))
+        if clip is not None:
+            out["clip"][str(rec.get("site"))].append((int(rec["round"]), clip))
+    return {k: {s: sorted(v) for s, v in sites.items()} for k, sites in out.items()}
+
+
+def privacy_markdown(privacy: Mapping[str, Any]) -> str:
+    """The "Privacy" section of results.md: one row per site, then the guarantee in plain language."""
+    per_site = privacy.get("per_site") or {}
+    lines = ["\n## Privacy\n\n",
+             "| site | mechanism | clipping | rounds released | epsilon / round | epsilon total | delta total | "
+             "accountant | last clip threshold | over budget |\n",
+             "|---" * 10 + "|\n"]
+    def g(v):
+        return "n/a" if v is None else f"{float(v):.6g}"
+
+    for site, r in sorted(per_site.items()):
+        if not r.get("rounds"):
+            lines.append(f"| {site} | none (no DP report) | - | 0 | - | - | - | - | - | - |\n")
+            continue
+        clipping = f"{r.get('clipping')}{' per-layer' if r.get('per_layer') else ''}"
+        unprotected = f" (+{r['unprotected_rounds']} without DP)" if r.get("unprotected_rounds") else ""
+        lines.append(
+            f"| {site} | {r.get('mechanism')} | {clipping} | {r.get('rounds')}{unprotected} | "
+            f"{g(r.get('epsilon_round'))} | {g(r.get('epsilon_total'))} | {g(r.get('delta_total'))} | "
+            f"{r.get('accountant')} | {g(combined_value(r.get('clip'), r.get('mechanism')))} | "
+            f"{'yes' if r.get('over_budget') else 'no'} |\n")
+    if privacy.get("guarantee"):
+        lines.append("\n" + str(privacy["guarantee"]).strip() + "\n")
+    return "".join(lines)
+
+
+def plot_privacy(privacy: Mapping[str, Any], out_png: Path, title: str = "") -> Path:
+    """Cumulative epsilon (left) and the clipping threshold used (right) per site and round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = privacy_series(privacy)
+    panels = [("epsilon_total", "cumulative epsilon per site"), ("clip", "clipping threshold used (L1 / L2 norm)")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for site, points in sorted(series[key].items()):
+            ax.plot(*zip(*points), marker="o", ms=3, label=site)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -233,9 +323,11 @@ def write_results(
     config: Mapping[str, Any] | None = None,
     notes: Iterable[str] = (),
     best: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, results.md, training_curves.png and dice_bars.png into ``out_dir`` (and
-    personalized_bars.png when any site sent personalized metrics)."""
+    personalized_bars.png when any site sent personalized metrics; privacy.json, a "Privacy" section and
+    privacy.png when ``privacy`` is given)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history = list(history)
@@ -253,10 +345,15 @@ def write_results(
     }
     if pers:
         payload["site_means"] = site_means(site_metrics)
+    if privacy is not None:
+        payload["privacy"] = privacy
     paths = {"metrics": out_dir / "metrics.json", "table": out_dir / "results.md",
              "curves": out_dir / "training_curves.png", "bars": out_dir / "dice_bars.png"}
     if pers:
         paths["personalized_bars"] = out_dir / "personalized_bars.png"
+    if privacy is not None:
+        paths["privacy"] = out_dir / "privacy.json"
+        paths["privacy_plot"] = out_dir / "privacy.png"
     paths["metrics"].write_text(json.dumps(_jsonable(payload), indent=2))
     md = [f"# {job_name}: final global model\n", markdown_table(site_metrics, test_metrics)]
     if initial_test_metrics and test_metrics:
@@ -284,12 +381,17 @@ def write_results(
                   "training data, Per-FedAvg), evaluated on the same held-out part; the mean row is the unweighted "
                   "mean over sites (a site without a value for a metric does not count for it)."
                   + (f" Sites without personalized metrics: {missing}." if missing else "") + "\n")
+    if privacy is not None:
+        md.append(privacy_markdown(privacy))
+        paths["privacy"].write_text(json.dumps(_jsonable(privacy), indent=2))
     paths["table"].write_text("".join(md))
     plot_training_curves(history, paths["curves"], test_curve)
     plot_dice_bars(site_metrics, test_metrics, paths["bars"], title=f"{job_name}: final global model")
     if pers:
         plot_personalized_bars(site_metrics, paths["personalized_bars"],
                                title=f"{job_name}: global vs personalized Dice per site")
+    if privacy is not None:
+        plot_privacy(privacy, paths["privacy_plot"], title=f"{job_name}: differential privacy per site")
     return paths
 
 
@@ -325,7 +427,8 @@ def plot_overlays(images, truths, preds, out_png: Path, titles=None, columns: in
             ax.imshow(overlay_rgb(images[i], truths[i], preds[i]))
             if titles:
                 ax.set_title(titles[i], fontsize=8)
-    fig.legend(handles=[Patch(color=(0.1, 0.85, 0.1), label="true positive"), Patch(color=(0.9, 0.1, 0.1), label="false positive"),
+    fig.legend(handles=[Patch(color=(0.1, 0.85, 0.1), label="true positive"),
+                        Patch(color=(0.9, 0.1, 0.1), label="false positive"),
                         Patch(color=(0.15, 0.35, 1.0), label="false negative")], loc="lower center", ncol=3, fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.08, wspace=0.05, hspace=0.2)
     fig.savefig(out_png, dpi=110)
