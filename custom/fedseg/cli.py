@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "baseline_cmd",
     "predict_cmd",
     "attack_cmd",
+    "privacy_cmd",
 )
 
 
