@@ -138,7 +138,10 @@ def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def load_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
-    """Load a name->array mapping into ``model`` (every entry of the model must be present)."""
+    """Load a name->array mapping into ``model`` (every entry of the model must be present).
+
+    An entry may also come as a flat vector with the right number of values (FLARE's HE decryption returns CKKS
+    vectors flat); it is reshaped. Any other shape difference is an error naming the entry."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
@@ -149,8 +152,11 @@ def load_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
     with torch.no_grad():
         for name, tensor in own.items():
             value = _as_tensor(state[name], tensor)
+            if value.shape != tensor.shape and value.dim() == 1 and value.numel() == tensor.numel():
+                value = value.reshape(tensor.shape)
             if value.shape != tensor.shape:
-                raise ConfigError(f"global model entry {name!r} has shape {tuple(value.shape)}, local {tuple(tensor.shape)}")
+                raise ConfigError(f"global model entry {name!r} has shape {tuple(value.shape)}, "
+                                  f"local {tuple(tensor.shape)}")
             tensor.copy_(value)
 
 
