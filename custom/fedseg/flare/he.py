@@ -256,14 +256,21 @@ class _ContextMixin:
 
 
 class HEModelEncryptor(_ContextMixin, _FlareEncryptor):
-    """FLARE's task-result encryptor (same arguments) + NaN/Inf refusal, context fingerprint and shapes in the meta."""
+    """FLARE's task-result encryptor (same arguments) + NaN/Inf refusal, context fingerprint and shapes in the meta.
+
+    ``serialize_ciphertexts`` (default True): send each ciphertext as its serialized bytes, which
+    :class:`HEAggregator` reads with the server context. FLARE's own wire format (False) pickles every CKKS vector
+    together with a copy of its context including the relin keys (about 660 kB with the default parameters), i.e.
+    one context copy per tensor of the model in every update; the ciphertexts are the same either way.
+    """
 
     def __init__(self, tenseal_context_file: str = CLIENT_CONTEXT, encrypt_layers=None, aggregation_weights=None,
-                 weigh_by_local_iter: bool = True, data_kinds=None):
+                 weigh_by_local_iter: bool = True, data_kinds=None, serialize_ciphertexts: bool = True):
         super().__init__(tenseal_context_file=tenseal_context_file, encrypt_layers=encrypt_layers,
                          aggregation_weights=aggregation_weights, weigh_by_local_iter=weigh_by_local_iter,
                          data_kinds=data_kinds)
         self.fingerprint = None
+        self.serialize_ciphertexts = bool(serialize_ciphertexts)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         self._context_events(event_type, fl_ctx)
@@ -287,6 +294,8 @@ class HEModelEncryptor(_ContextMixin, _FlareEncryptor):
         out.set_meta_prop(CONTEXT_META, dict(self.fingerprint))
         out.set_meta_prop(SHAPES_META, shapes)
         out.set_meta_prop(WEIGHTED_META, bool(self.weigh_by_local_iter))
+        if self.serialize_ciphertexts:
+            out.data = {k: (v.serialize() if isinstance(v, ts.CKKSVector) else v) for k, v in out.data.items()}
         return out
 
 
@@ -416,7 +425,7 @@ class HEAggregator(_ContextMixin, HEInTimeAccumulateWeightedAggregator):
             steps = float("nan")
         if not steps > 0:
             return f"NUM_STEPS_CURRENT_ROUND must be > 0, got {dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)}"
-        return self._check_tensors(dxo, fl_ctx)
+        return None
 
     def _check_tensors(self, dxo: DXO, fl_ctx: FLContext) -> str | None:
         weights, meta = self._global(fl_ctx)
@@ -458,6 +467,16 @@ class HEAggregator(_ContextMixin, HEInTimeAccumulateWeightedAggregator):
         except Exception as e:  # noqa: BLE001  (malformed payload)
             return self._reject(fl_ctx, site, f"the result holds no DXO ({e})")
         reason = self._check(dxo, site, fl_ctx)
+        if not reason and any(isinstance(v, bytes) for v in (dxo.data or {}).values()):
+            try:  # serialized ciphertexts (HEModelEncryptor's default wire format): read with the server context
+                dxo.data = {k: (ts.ckks_vector_from(self.tenseal_context, v) if isinstance(v, bytes) else v)
+                            for k, v in dxo.data.items()}
+            except Exception as e:  # noqa: BLE001  (tenseal raises several types for foreign ciphertext)
+                reason = (f"its ciphertexts cannot be read with the server's {self.tenseal_context_file} "
+                          f"({type(e).__name__}: {e}); the site and the server need contexts of one run. {HOW_TO_MAKE}")
+            else:
+                dxo.update_shareable(shareable)
+        reason = reason or self._check_tensors(dxo, fl_ctx)
         if reason:
             return self._reject(fl_ctx, site, reason)
         if not super().accept(shareable, fl_ctx):
