@@ -115,3 +115,25 @@ def test_budget_stop_releases_nothing_past_the_budget_and_ends_the_job(tiny_data
     assert sorted((r["site"], r["round"]) for r in records) == [("site-1", 0), ("site-2", 0)]
     assert all(r["dp"]["epsilon_total"] == pytest.approx(eps_round) for r in records)
     assert not (run_dir / "results").exists()
+
+
+def test_dp_then_he_job_runs_and_records_the_privacy_of_encrypted_updates(tiny_data, tmp_path):
+    """fedgs_lits_adp_he: each site noises its update, then encrypts it (FLARE's TenSEAL HE); the server aggregates
+    ciphertexts, stores the model encrypted, and still records the sites' DP reports (the meta stays plaintext)."""
+    _, cfg = tiny_data
+    job = replace(JOBS["fedgs_lits_adp_he"], **{**TINY, "test_every_n_rounds": 0})
+
+    def contexts(ws):
+        proc = subprocess.run([sys.executable, "-m", "fedseg.cli", "he-context", "--workspace", str(ws)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+    ws, log = _simulate(job, tmp_path, cfg, before=contexts)
+    metrics, _ = _check_privacy(ws, log, job)
+    assert log.count("aggregated 2 site(s)") == 0  # the plaintext FedGS aggregator is not in this job
+    assert metrics["test_centre"] is None  # the server holds no secret key: no test-centre evaluation
+    assert set(metrics["sites"]) == {"site-1", "site-2"}
+    for m in metrics["sites"].values():
+        assert 0.0 <= m["dice"] <= 1.0
+    res = ws / "server" / "simulate_job" / "results"
+    assert (res / "global_model_encrypted.pt").is_file() and not (res / "global_model.pt").exists()

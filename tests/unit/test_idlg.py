@@ -225,10 +225,16 @@ def test_laplace_test_mechanism_clips_in_l1():
 
 
 def test_dp_view_leaks_less_than_fedavg(setting, sample, fedavg_attack):
+    """The real mechanism (fedseg.algorithms.adaptive_dp, one round, L1 clip + Laplace) at epsilon 10, with the
+    attacker's best threshold: the update's own L1 norm (nothing clipped away; not a DP choice, an upper bound)."""
+    from fedseg.algorithms.adaptive_dp import idlg_mechanism
+
     model, loss_fn, update = setting
-    l1 = sum(float(np.abs(v).sum()) for v in update.values())
-    view = idlg.dp_view(update, _laplace_mechanism(clip_l1=l1, epsilon=10.0))
+    l1 = sum(float(np.abs(v.astype(np.float64)).sum()) for v in update.values())
+    mechanism = idlg_mechanism(epsilon=10.0, seed=0, clip=l1)
+    view = idlg.dp_view(update, mechanism)
     assert set(view) == set(update)
+    assert mechanism.last_report["noise_scale"] == pytest.approx(2 * l1 / 10.0)
     _, m = _attack(model, loss_fn, sample, view)
     assert m["psnr"] < fedavg_attack[1]["psnr"] - 10.0, m
     assert m["ssim"] < fedavg_attack[1]["ssim"] - 0.3, m
@@ -278,19 +284,19 @@ def test_cli_end_to_end_writes_json_markdown_and_figure(tmp_path, capsys, tiny_b
     assert "| fedavg |" in capsys.readouterr().out
 
 
-def test_cli_dp_scenario_waits_for_issue_5(tmp_path, capsys, monkeypatch):
+def test_cli_dp_scenario_without_the_dp_module_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fedseg.algorithms.adaptive_dp", None)  # import fails whatever the build holds
     rc = main(["attack", "idlg", "--scenario", "fedavg", "dp", "--data", "synthetic", "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "the DP filter lands with issue 5" in capsys.readouterr().err
+    assert "--scenario dp needs fedseg.algorithms.adaptive_dp" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
 def test_cli_dp_scenario_calls_the_adaptive_dp_hook(tmp_path, monkeypatch):
     calls = []
 
-    def idlg_mechanism(epsilon, seed):
-        calls.append((epsilon, seed))
+    def idlg_mechanism(epsilon, seed, **options):
+        calls.append((epsilon, seed, options))
         return _laplace_mechanism(clip_l1=1.0, epsilon=epsilon, seed=seed)
 
     fake = types.ModuleType("fedseg.algorithms.adaptive_dp")
@@ -299,8 +305,29 @@ def test_cli_dp_scenario_calls_the_adaptive_dp_hook(tmp_path, monkeypatch):
     out = tmp_path / "dp"
     rc = main(["attack", "idlg", "--scenario", "dp", "--data", "synthetic", "--image-size", "16", "--iterations", "3",
                "--dp-epsilon", "2", "--seed", "5", "--threads", "1", "--out", str(out)])
-    assert rc == 0 and calls == [(2.0, 5)]
+    assert rc == 0 and calls == [(2.0, 5, {"mechanism": "laplace", "clip": 1.0, "delta": 1e-5})]
     assert list(json.loads((out / "results.json").read_text())["scenarios"]) == ["dp"]
+
+
+def test_cli_dp_scenario_with_the_real_mechanism_at_several_epsilons(tmp_path, capsys):
+    out = tmp_path / "dp"
+    rc = main(["attack", "idlg", "--scenario", "fedavg", "dp", "--data", "synthetic", "--image-size", "16",
+               "--iterations", "2", "--dp-epsilon", "1", "1e12", "--dp-clip", "0.5", "--threads", "1",
+               "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["scenarios"]
+    assert list(rows) == ["fedavg", "dp-eps-1", "dp-eps-1e+12"]
+    for name, eps in (("dp-eps-1", 1.0), ("dp-eps-1e+12", 1e12)):
+        view = rows[name]["view"]
+        assert view["mechanism"] == "laplace" and view["norm"] == "l1" and view["clip"] == 0.5
+        assert view["noise_scale"] == pytest.approx(2 * 0.5 / eps) and view["epsilon"] == eps
+        assert view["clip_factor"] == pytest.approx(min(1.0, 0.5 / view["update_l1"]))
+    assert rows["dp-eps-1"]["view"]["snr"] < 1e-3 < 1e3 < rows["dp-eps-1e+12"]["view"]["snr"]
+    assert "| dp-eps-1 | -DP(Delta) / lr: laplace L1 clip 0.5, b = 1, epsilon = 1;" in (out / "results.md").read_text()
+    assert set(np.load(out / "reconstructions.npz").files) >= {"dp-eps-1_image", "dp-eps-1e+12_mask_prob"}
+    assert main(["attack", "idlg", "--scenario", "dp", "--data", "synthetic", "--dp-clip", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--dp-clip must be > 0" in capsys.readouterr().err
 
 
 def test_cli_reads_png_and_nifti_files_with_masks(tmp_path):

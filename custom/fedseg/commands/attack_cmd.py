@@ -2,7 +2,8 @@
 
 The victim makes one plain-SGD step on one image; the attacker inverts what it observes in each threat scenario
 (``fedavg``: the plain update; ``csahe-member``: the CSAHE initiator's masked ciphertext decrypted with a leaked round
-key; ``dp``: a DP-noised update, when ``fedseg.algorithms.adaptive_dp`` exists). PSNR / SSIM of the reconstructed
+key; ``dp``: the update after one round of ``fedseg.algorithms.adaptive_dp`` with a fixed, data-independent threshold,
+at one or more epsilons). PSNR / SSIM of the reconstructed
 image and Dice of the reconstructed mask go to ``results.json`` and ``results.md``; ``idlg.png`` shows the truth, the
 reconstructions and snapshots during the optimisation (as Fig. 4B of the PPPML-HMI paper); ``reconstructions.npz``
 holds the arrays. The algorithm and its choices are documented in :mod:`fedseg.attacks.idlg`.
@@ -73,7 +74,15 @@ def register(subparsers):
     q.add_argument("--csahe-view", default="auto", choices=["auto", "decrypt", "plaintext"],
                    help="decrypt: real Initiator.start() ciphertexts decrypted with its key; plaintext: the same "
                         f"mask added without CKKS; auto: decrypt up to {AUTO_DECRYPT_MAX_VALUES:,} values")
-    q.add_argument("--dp-epsilon", type=float, default=1.0, help="epsilon passed to the DP mechanism (scenario dp)")
+    q.add_argument("--dp-epsilon", type=float, nargs="+", default=[1.0],
+                   help="per-round epsilon(s) of the DP mechanism (scenario dp; several values: one row each, named "
+                        "dp-eps-<value>; default 1)")
+    q.add_argument("--dp-mechanism", default="laplace", choices=["laplace", "gaussian"],
+                   help="laplace (default: L1 clipping, the paper's) or gaussian (L2 clipping, analytic sigma)")
+    q.add_argument("--dp-clip", type=float, default=1.0,
+                   help="fixed clipping threshold in the mechanism's norm (default 1; a constant: a threshold taken "
+                        "from the update itself would leak)")
+    q.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the gaussian mechanism (default 1e-5)")
     q.add_argument("--snapshot-every", type=int, default=None,
                    help="keep a reconstruction snapshot every N iterations (default iterations / 5)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -316,9 +325,11 @@ def load_target(data: str, size: int, index: int | None = None, mask: Path | Non
 # scenarios
 
 
-def dp_mechanism(epsilon: float, seed: int):
-    """The DP mechanism of scenario ``dp``: ``fedseg.algorithms.adaptive_dp.idlg_mechanism(epsilon=, seed=)``, a callable
-    ``update dict -> noised update dict``. CommandError while that module (issue 5) does not exist."""
+def dp_mechanism(epsilon: float, seed: int, mechanism: str = "laplace", clip: float = 1.0, delta: float = 1e-5):
+    """The DP mechanism of scenario ``dp``: ``fedseg.algorithms.adaptive_dp.idlg_mechanism(epsilon=, seed=,
+    mechanism=, clip=, delta=)``, a callable ``update dict -> noised update dict`` (one round, fixed threshold ``clip``
+    in L1 for laplace / L2 for gaussian, replace adjacency; its ``last_report`` holds the noise scale).
+    CommandError when that module is missing from the build or a setting is out of range."""
     import importlib
 
     from fedseg.errors import CommandError
@@ -326,15 +337,54 @@ def dp_mechanism(epsilon: float, seed: int):
     try:
         module = importlib.import_module("fedseg.algorithms.adaptive_dp")
     except ImportError:
-        raise CommandError("--scenario dp: the DP filter lands with issue 5 (fedseg.algorithms.adaptive_dp is not in "
-                           "this build); run without dp") from None
+        raise CommandError("--scenario dp needs fedseg.algorithms.adaptive_dp (issue 5), which this build lacks; "
+                           "reinstall fedseg (pip install -e .) or run without dp") from None
     hook = getattr(module, DP_HOOK, None)
     if hook is None:
         raise CommandError(f"--scenario dp: fedseg.algorithms.adaptive_dp has no {DP_HOOK}(epsilon=, seed=) returning "
                            "a mechanism (update dict -> noised update dict); see fedseg.attacks.idlg.dp_view")
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise CommandError(f"--dp-epsilon must be > 0, got {epsilon}")
-    return hook(epsilon=float(epsilon), seed=int(seed))
+    if not (math.isfinite(clip) and clip > 0):
+        raise CommandError(f"--dp-clip must be > 0, got {clip}")
+    if not 0 < delta < 1:
+        raise CommandError(f"--dp-delta must be in (0, 1), got {delta}")
+    return hook(epsilon=float(epsilon), seed=int(seed), mechanism=mechanism, clip=float(clip), delta=float(delta))
+
+
+def dp_scenarios(epsilons) -> dict[str, float]:
+    """Row name -> epsilon: ``dp`` for one epsilon, ``dp-eps-<epsilon>`` for each of several."""
+    eps = list(dict.fromkeys(float(e) for e in epsilons))
+    return {"dp": eps[0]} if len(eps) == 1 else {f"dp-eps-{e:g}": e for e in eps}
+
+
+def dp_view_info(update, view, epsilon: float, report: dict[str, Any] | None) -> dict[str, Any]:
+    """What the DP row reports: the mechanism's public report (threshold, sensitivity, noise scale) and, for the
+    evaluation only, the signal-to-noise ratios the attacker faces: |c Delta|_2 / |view - c Delta|_2 over the whole
+    update and over its first tensor (the first layer, which carries the image detail), c = the clipping factor.
+    The raw norms are evaluation numbers: the mechanism itself never releases them."""
+    import numpy as np
+
+    report = report or {}
+    norm = report.get("norm", "l1")
+    d = {k: np.asarray(v, np.float64) for k, v in update.items()}
+    l1 = float(sum(np.abs(v).sum() for v in d.values()))
+    l2 = float(math.sqrt(sum(np.square(v).sum() for v in d.values())))
+    clip = report.get("clip")
+    total = l1 if norm == "l1" else l2
+    c = min(1.0, clip / total) if isinstance(clip, (int, float)) and total > 0 else 1.0
+
+    def snr(keys):
+        sig = math.sqrt(sum(float(np.square(c * d[k]).sum()) for k in keys))
+        noise = math.sqrt(sum(float(np.square(np.asarray(view[k], np.float64) - c * d[k]).sum()) for k in keys))
+        return sig / noise if noise > 0 else math.inf
+
+    first = next(iter(d))
+    return {"epsilon": float(epsilon), "mechanism": report.get("mechanism"), "norm": norm, "clip": clip,
+            "delta": report.get("delta"), "sensitivity": report.get("sensitivity"),
+            "noise_scale": report.get("noise_scale"), "update_l1": l1, "update_l2": l2, "clip_factor": c,
+            "snr": snr(list(d)), "first_tensor": first, "first_tensor_snr": snr([first]),
+            "hook": f"fedseg.algorithms.adaptive_dp.{DP_HOOK}"}
 
 
 def _describe(scenario: str, info: dict[str, Any]) -> str:
@@ -345,7 +395,14 @@ def _describe(scenario: str, info: dict[str, Any]) -> str:
                else "plaintext + CSPRNG mask (no CKKS)")
         return (f"-(w_I Delta + R) / (w_I lr), R ~ N(0, {info['sigma']:g}^2), w_I = {info['weight']:.3g}, {how}; "
                 f"|w_I Delta| / |R| = {info['snr']:.1e}")
-    return f"-DP(Delta) / lr, epsilon = {info.get('epsilon')}"
+    noise = "b" if info.get("mechanism") == "laplace" else "sigma"
+    clip = info.get("clip")
+    clip_s = f"{info.get('norm', '').upper()} clip {clip:g}, " if isinstance(clip, (int, float)) else ""
+    scale = info.get("noise_scale")
+    scale_s = f"{noise} = {scale:.3g}, " if isinstance(scale, (int, float)) else ""
+    snr = info.get("snr")
+    snr_s = f"; |c Delta| / |noise| = {snr:.1e}" if isinstance(snr, (int, float)) else ""
+    return f"-DP(Delta) / lr: {info.get('mechanism')} {clip_s}{scale_s}epsilon = {info.get('epsilon'):g}{snr_s}"
 
 
 def run(args) -> int:
@@ -363,7 +420,13 @@ def run(args) -> int:
     if args.model_args is not None and not isinstance(args.model_args, dict):
         raise CommandError("--model-args must be a JSON object, e.g. '{\"width\": 16}'")
     scenarios = list(dict.fromkeys(args.scenario))
-    mechanism = dp_mechanism(args.dp_epsilon, args.seed) if "dp" in scenarios else None  # fail before any work
+    mechanisms = {}
+    if "dp" in scenarios:  # fail before any work
+        eps_list = args.dp_epsilon if isinstance(args.dp_epsilon, (list, tuple)) else [args.dp_epsilon]
+        mechanisms = {name: (eps, dp_mechanism(eps, args.seed, args.dp_mechanism, args.dp_clip, args.dp_delta))
+                      for name, eps in dp_scenarios(eps_list).items()}
+        i = scenarios.index("dp")
+        scenarios[i:i + 1] = list(mechanisms)
     step = args.step_size if args.step_size is not None else (1.0 if args.optimizer == "lbfgs" else 0.1)
     every = args.snapshot_every if args.snapshot_every is not None else max(1, args.iterations // 5)
     config = idlg.AttackConfig(iterations=args.iterations, optimizer=args.optimizer, step_size=step, match=args.match,
@@ -372,12 +435,12 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(int(args.threads))
     try:
-        return _run(args, scenarios, mechanism, config)
+        return _run(args, scenarios, mechanisms, config)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args, scenarios, mechanism, config) -> int:
+def _run(args, scenarios, mechanisms, config) -> int:
     import numpy as np
     import torch
 
@@ -421,8 +484,9 @@ def _run(args, scenarios, mechanism, config) -> int:
             view, info = idlg.csahe_member_view(update, args.ring_weight, args.sigma, method)
             weight = args.ring_weight
         else:
+            epsilon, mechanism = mechanisms[scenario]
             view, weight = idlg.dp_view(update, mechanism), 1.0
-            info = {"epsilon": args.dp_epsilon, "mechanism": f"fedseg.algorithms.adaptive_dp.{DP_HOOK}"}
+            info = dp_view_info(update, view, epsilon, getattr(mechanism, "last_report", None))
         grads = idlg.gradient_from_view(model, view, args.lr, weight)
         result = idlg.idlg_attack(model, grads, target.image.shape, loss_fn, config, progress=True, desc=scenario)
         metrics = idlg.reconstruction_metrics(target.image, target.mask, result, target.value_range)
