@@ -375,3 +375,17 @@ def test_flare_wire_format_is_accepted_and_serialized_ciphertexts_are_smaller(st
     for k in SHAPES:
         np.testing.assert_allclose(results[True][k], results[False][k], atol=TOL)
     assert sizes[False] > 3 * sizes[True]
+
+
+def test_selected_layer_encryption_keeps_the_plaintext_tensors_float32_and_weighted(startup):
+    """encrypt_layers: only the chosen tensors become ciphertexts; the others stay plaintext in their own dtype
+    (FLARE multiplies them by np.float64(steps), which would double their bytes) and are weighted by the steps."""
+    ctx = _ctx("site-1")
+    enc = _started(HEModelEncryptor(encrypt_layers=["conv.weight"]), ctx)
+    update = _update(0)
+    out = from_shareable(enc.process(DXO(DataKind.WEIGHT_DIFF, dict(update),
+                                         meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 3}).to_shareable(), ctx))
+    assert isinstance(out.data["conv.weight"], bytes)  # serialized ciphertext
+    for k in ("conv.bias", "bn.running_mean"):
+        assert out.data[k].dtype == np.float32
+        np.testing.assert_allclose(out.data[k], 3 * update[k], rtol=1e-6)

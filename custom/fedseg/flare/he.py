@@ -290,7 +290,14 @@ class HEModelEncryptor(_ContextMixin, _FlareEncryptor):
                                      "is not encrypted and not sent (local training diverged: lower the learning "
                                      "rate or check this site's data)")
         shapes = _shapes_of(dxo.data)
+        dtypes = {k: np.asarray(v).dtype for k, v in dxo.data.items()}
         out = super().process_dxo(dxo, shareable, fl_ctx)
+        # FLARE weighs the tensors it leaves in plaintext (encrypt_layers) by np.float64(n_iter), which under numpy 2
+        # upcasts float32 to float64 and doubles their bytes on the wire: give them back their own dtype.
+        for k, v in list(out.data.items()):
+            if isinstance(v, np.ndarray) and k in dtypes and np.issubdtype(dtypes[k], np.floating) \
+                    and v.dtype != dtypes[k]:
+                out.data[k] = v.astype(dtypes[k])
         out.set_meta_prop(CONTEXT_META, dict(self.fingerprint))
         out.set_meta_prop(SHAPES_META, shapes)
         out.set_meta_prop(WEIGHTED_META, bool(self.weigh_by_local_iter))
