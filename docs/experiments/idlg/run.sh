@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # iDLG gradient-leakage evaluation at CPU scale (fedseg attack idlg): one private 32x32 tumour slice of the built-in
 # synthetic LiTS data (site-1 train, the largest tumour), one plain-SGD step, the attacker inverts what it observes.
-# Usage: bash docs/experiments/idlg/run.sh   (from anywhere, after `pip install -e .`; about 4 minutes on 1 CPU core)
+# Usage: bash docs/experiments/idlg/run.sh   (from anywhere, after `pip install -e .`; about 9 minutes on 1 CPU core)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=docs/experiments/idlg
@@ -24,3 +24,10 @@ fedseg attack idlg --scenario fedavg --model unet --image-size 32 --iterations 1
   --out "$OUT/unet"
 # 5. the ring member again with the scale-invariant cosine matching loss and Adam (Geiping et al.'s choice)
 fedseg attack idlg --scenario csahe-member "${COMMON[@]}" --match cosine --optimizer adam --out "$OUT/small_cnn_cosine"
+# 6. the DP-noised update (fedseg.algorithms.adaptive_dp: L1 clip at a fixed C, Laplace b = 2C / epsilon) over epsilon
+fedseg attack idlg --scenario fedavg dp --dp-epsilon 1 10 100 1e4 1e6 1e7 1e8 1e10 "${COMMON[@]}" \
+  --out "$OUT/small_cnn_dp"
+# 6b. the same view against a scale-invariant attacker (cosine matching), and without clipping (C = 100)
+fedseg attack idlg --scenario fedavg dp --dp-epsilon 1e8 1e10 "${COMMON[@]}" --match cosine \
+  --out "$OUT/small_cnn_dp_cosine"
+fedseg attack idlg --scenario dp --dp-epsilon 1e6 1e8 1e10 --dp-clip 100 "${COMMON[@]}" --out "$OUT/small_cnn_dp_clip100"
