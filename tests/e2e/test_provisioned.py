@@ -1,0 +1,78 @@
+"""End to end on a provisioned system (real processes, loopback only): submit through the FLARE API, refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseg.deploy.kits import KitError, check_kit, find_kits, read_kit
+from fedseg.deploy.submit import submit_job
+from fedseg.deploy.system import server_address, start_participant, stop_system, system_status
+
+from .conftest import SITES, provisioned, tiny_job
+
+pytestmark = pytest.mark.e2e
+
+
+def test_fedgs_lits_runs_to_completion_through_the_flare_api(flare_system, tmp_path):
+    prod, admin = flare_system
+    job = tiny_job("fedgs_lits", tmp_path / "jobs")
+    lines = []
+    res = submit_job(job, admin, timeout=400, poll=2, progress=lines.append)
+    assert res.ok, (res.status, res.reason)
+    assert any("RUNNING" in line for line in lines) and any("COMPLETED" in line for line in lines)
+    results = res.results
+    assert results is not None and (results / "results.md").is_file()
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert set(metrics["sites"]) == set(SITES)
+    assert {h["step"] for h in metrics["history"] if h["tag"] == "val_dice"} == {0, 1}  # both rounds recorded
+    state = torch.load(results / "global_model.pt", map_location="cpu", weights_only=True)
+    assert any(k.endswith("weight") for k in state) and all(torch.isfinite(v.float()).all() for v in state.values())
+    # every participant still runs: the system outlives its jobs
+    assert all(e["alive"] for e in system_status(prod).values())
+
+
+def test_a_job_whose_class_is_outside_the_allow_list_is_refused_with_the_reason(flare_system, tmp_path):
+    """Without app/custom (no BYOC) a fedseg job needs 'fedseg.' in the sites' class_allow_list; these kits have the
+    FLARE default list, so the server refuses the job and says which component."""
+    _, admin = flare_system
+    job = tiny_job("fedgs_lits", tmp_path / "jobs", byoc=False, num_rounds=1)
+    res = submit_job(job, admin, timeout=200, poll=2, progress=lambda m: None)
+    assert res.status.startswith("FINISHED") and not res.ok
+    assert res.reason is not None and "not in allow_list" in res.reason and "fedseg.flare." in res.reason
+
+
+def test_a_site_with_another_projects_certificates_is_refused(flare_system, tiny_lits, tmp_path):
+    prod, _ = flare_system
+    server = next(k for k in find_kits(prod) if k.kind == "server")
+    host, port = server_address(server)
+    other = provisioned(tmp_path, "other_project", tiny_lits, he=False, sites=("site-9",))
+    kit = read_kit(other / "site-9")
+    # point the foreign kit at this system's server (same host name, this system's port)
+    cfg_path = kit.startup / "fed_client.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["servers"][0]["service"]["target"] = f"{host}:{port}"
+    cfg["servers"][0]["name"] = json.loads((server.startup / "fed_server.json").read_text())["servers"][0]["name"]
+    cfg_path.write_text(json.dumps(cfg))
+    # the kit check names the problem before anything connects ...
+    with pytest.raises(KitError, match="belongs to another FLARE project"):
+        check_kit(kit, expect_root=server.root_ca)
+    # ... and the server refuses the connection when the site tries anyway
+    server_log = Path(system_status(prod)[server.name]["log"])
+    before = server_log.read_text(errors="replace")
+    start_participant(kit, other)
+    client_log_path = other / "fedseg_logs" / "site-9.log"
+    try:
+        deadline = time.time() + 60
+        while "CERTIFICATE_VERIFY_FAILED" not in client_log_path.read_text(errors="replace"):
+            assert time.time() < deadline, client_log_path.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        after = server_log.read_text(errors="replace")[len(before):]
+        assert "New client site-9@" not in after
+        assert "Successfully registered client:site-9" not in client_log_path.read_text(errors="replace")
+    finally:
+        stop_system(other)
