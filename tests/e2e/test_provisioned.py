@@ -76,3 +76,34 @@ def test_a_site_with_another_projects_certificates_is_refused(flare_system, tiny
         assert "Successfully registered client:site-9" not in client_log_path.read_text(errors="replace")
     finally:
         stop_system(other)
+
+
+def test_a_server_restarted_mid_job_resumes_from_its_round_checkpoint_with_no_lost_round(flare_system, tmp_path):
+    """SIGKILL the server (and its job process) after round 1, start it again, resubmit the same job folder: the new
+    job continues with round 2 from the checkpoint, and the results hold every round exactly once."""
+    from fedseg.deploy.system import kill_participant, start_system
+
+    prod, admin = flare_system
+    server = next(k for k in find_kits(prod) if k.kind == "server")
+    job = tiny_job("fedgs_lits", tmp_path / "jobs", num_rounds=4, max_steps_per_round=3)
+    first = submit_job(job, admin, wait=False, progress=lambda m: None)
+    log = server.path / first.job_id / "log.txt"
+    deadline = time.time() + 240
+    while "Round 1 finished." not in (log.read_text(errors="replace") if log.is_file() else ""):
+        assert time.time() < deadline, "round 1 did not finish"
+        time.sleep(0.5)
+    kill_participant(prod, server.name)
+    start_system(prod, timeout=120)  # the server again; the sites (still running) reconnect by themselves
+    res = submit_job(job, admin, abort_running=True, timeout=400, poll=2, progress=lambda m: None)
+    assert res.ok, (res.status, res.reason)
+    text = (res.result_dir / "workspace" / "log.txt").read_text(errors="replace")
+    resumed = [line for line in text.splitlines() if "resuming from checkpoint" in line]
+    assert len(resumed) == 1, text[-3000:]
+    finished = int(resumed[0].split("round ")[1].split(" was finished")[0])
+    assert finished >= 1
+    assert f"Round {finished + 1} started." in text and f"Round {finished} started." not in text
+    metrics = json.loads((res.results / "metrics.json").read_text())
+    for site in SITES:  # validation of every round's model at every site, each once
+        steps = sorted(h["step"] for h in metrics["history"] if h["tag"] == "val_dice" and h["site"] == site)
+        assert steps == [0, 1, 2, 3], (site, steps)
+    assert not list((server.path / "fedseg_resume").glob("fedgs_lits-*"))  # cleared once training finished

@@ -149,7 +149,9 @@ def test_plain_jobs_carry_no_csahe_or_perfedavg_settings():
         args = _client_args(job_dir)
         assert not {"secure_aggregation", "csahe_sigma", "algorithm", "adaptation_steps"} & set(args), name
         server = _server(job_dir)
-        assert "server" not in server and server["workflows"][0]["path"].endswith(".ScatterAndGather")
+        assert "server" not in server and server["workflows"][0]["path"] in (
+            "fedseg.flare.resume.ResumableScatterAndGather",  # plaintext jobs: round checkpoints + resume
+            "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather")  # HE jobs
         assert "secure_aggregation" not in JOBS[name].summary()
 
 
@@ -287,3 +289,23 @@ def test_bad_privacy_settings_are_refused():
         replace(JOBS["fedgs_lits_adp"], dp_budget_action="abort")
     with pytest.raises(ValueError, match="choose one"):
         replace(JOBS["fedgs_lits_csahe"], he=True)
+
+
+def test_plaintext_jobs_resume_he_jobs_do_not_and_paper_jobs_ask_for_a_gpu():
+    for name, job in JOBS.items():
+        server = _server(REPO / "jobs" / name)
+        path = server["workflows"][0]["path"]
+        if job.secure_aggregation == "csahe":
+            continue
+        if job.he:
+            assert path == "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", name
+        else:
+            assert path == "fedseg.flare.resume.ResumableScatterAndGather", name
+            assert server["workflows"][0]["args"]["job_name"] == name
+        meta = json.loads((REPO / "jobs" / name / "meta.json").read_text())
+        if job.scale == "paper":
+            assert meta["resource_spec"]["@default"]["num_of_gpus"] == 1, name
+        else:
+            assert meta["resource_spec"] == {}, name
+    assert json.loads((REPO / "jobs" / "fedgs_lits_paper" / "meta.json").read_text())["resource_spec"] == {
+        "@default": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 8.0}}

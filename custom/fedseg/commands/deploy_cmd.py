@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     s.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to follow the job (default 1 day)")
     s.add_argument("--poll", type=float, default=5.0, help="seconds between status polls (default 5)")
     s.add_argument("--connect-timeout", type=float, default=20.0, help="seconds to reach the server (default 20)")
+    s.add_argument("--abort-running", action="store_true",
+                   help="first abort RUNNING jobs of the same name (orphans after a server restart; the new job "
+                        "resumes from its round checkpoint)")
     s.add_argument("--json", action="store_true", help="print the outcome as JSON")
     s.set_defaults(func=run_submit)
 
@@ -112,7 +115,7 @@ def run_submit(args) -> int:
     from fedseg.deploy.submit import submit_job
 
     res = submit_job(args.job, args.kit, username=args.username, wait=not args.no_wait, timeout=args.timeout,
-                     poll=args.poll, connect_timeout=args.connect_timeout,
+                     poll=args.poll, connect_timeout=args.connect_timeout, abort_running=args.abort_running,
                      progress=(lambda m: None) if args.json else print)
     _print_result(res, args.json)
     return 0 if (args.no_wait or res.ok) else 1

@@ -88,8 +88,12 @@ def open_session(kit_path: str | Path, username: str | None = None, timeout: flo
 
 def submit_job(job_dir: str | Path, kit_path: str | Path, *, username: str | None = None, wait: bool = True,
                timeout: float = 3600.0, poll: float = 5.0, download: bool = True, connect_timeout: float = 20.0,
-               progress: Callable[[str], None] = print) -> SubmitResult:
-    """Submit ``job_dir`` with the admin kit at ``kit_path``; with ``wait``, follow it and download its result."""
+               abort_running: bool = False, progress: Callable[[str], None] = print) -> SubmitResult:
+    """Submit ``job_dir`` with the admin kit at ``kit_path``; with ``wait``, follow it and download its result.
+
+    ``abort_running``: first abort the jobs of the same name that the server lists as RUNNING (after a server
+    restart they are orphans: NVFlare 2.9 cannot restore them; the resubmitted job resumes from fedseg's round
+    checkpoint, :mod:`fedseg.flare.resume`)."""
     job_dir = Path(job_dir).expanduser().resolve()
     if not (job_dir / "meta.json").is_file():
         raise SubmitError(f"{job_dir} is not a FLARE job folder (no meta.json); pass e.g. jobs/fedgs_lits or a "
@@ -97,6 +101,18 @@ def submit_job(job_dir: str | Path, kit_path: str | Path, *, username: str | Non
     session = open_session(kit_path, username, connect_timeout)
     start = time.time()
     try:
+        if abort_running:
+            import json as _json
+
+            name = _json.loads((job_dir / "meta.json").read_text()).get("name", job_dir.name)
+            for info in session.list_jobs(name_prefix=name):
+                if info.get("job_name", info.get("name")) == name and str(info.get("status")) == "RUNNING":
+                    try:
+                        session.abort_job(info["job_id"])
+                        progress(f"aborted the running job {info['job_id']} of {name}")
+                    except Exception as e:  # an orphan after a server restart: nothing runs that could be aborted
+                        progress(f"job {info['job_id']} of {name} is listed as RUNNING but has no process on the "
+                                 f"server ({e}); left as it is")
         job_id = session.submit_job(str(job_dir))
         progress(f"submitted {job_dir.name} as job {job_id}")
         if not wait:

@@ -69,6 +69,21 @@ class BestModelKeeper(FLComponent):
             if rnd == self._round and model is not None:
                 self.offer(int(rnd), self._round_metrics, model[ModelLearnableKey.WEIGHTS], fl_ctx)
 
+    def resume_state(self) -> dict:
+        """What a round checkpoint keeps of this keeper (:mod:`fedseg.flare.resume`)."""
+        return {"best_round": self.best_round, "best_val_dice": self.best_val_dice,
+                "by_round": {str(k): v for k, v in self.by_round.items()}}
+
+    def restore_state(self, state: dict, best_model_file: Optional[str] = None) -> None:
+        """Continue from a round checkpoint: the record so far and, when there is one, the best model's file."""
+        import shutil
+
+        self.best_round = state.get("best_round")
+        self.best_val_dice = state.get("best_val_dice")
+        self.by_round = {int(k): float(v) for k, v in (state.get("by_round") or {}).items()}
+        if best_model_file and self.path and os.path.isfile(best_model_file):
+            shutil.copyfile(best_model_file, self.path)
+
     def offer(self, model_round: int, site_metrics: Dict[str, dict], weights, fl_ctx: FLContext) -> bool:
         """Record the validation Dice of the model sent in ``model_round``; save it if it is the best so far."""
         dice = weighted_dice(site_metrics)

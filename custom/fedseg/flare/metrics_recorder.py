@@ -44,6 +44,16 @@ class MetricsRecorder(AnalyticsReceiver):
     def finalize(self, fl_ctx: FLContext):
         pass
 
+    def restore_records(self, records: List[dict]) -> None:
+        """Continue a resumed job's history (:mod:`fedseg.flare.resume`): the earlier rounds' records come first,
+        in memory and in this run's ``metrics_history.jsonl``."""
+        with self._lock:
+            self.records = [dict(r) for r in records] + self.records
+            if self._path:
+                with open(self._path, "w") as f:
+                    for rec in self.records:
+                        f.write(json.dumps(rec) + "\n")
+
     def history(self) -> List[dict]:
         with self._lock:
             return list(self.records)

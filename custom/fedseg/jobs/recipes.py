@@ -48,6 +48,7 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "dp": "none", "dp_mechanism": "laplace", "dp_epsilon": 1.0, "dp_delta": 1e-5, "dp_clip_init": 1.0,
     "dp_percentile": 50.0, "dp_quantile_epsilon": 0.1, "dp_clip_lr": 0.2, "dp_per_layer": False,
     "dp_adjacency": "replace", "dp_budget_epsilon": None, "dp_budget_action": "warn",
+    "gpus_per_site": 0, "gpu_mem_gib": 0.0,
 }
 _DP_FIELDS = ("dp", "dp_mechanism", "dp_epsilon", "dp_delta", "dp_clip_init", "dp_percentile", "dp_quantile_epsilon",
               "dp_clip_lr", "dp_per_layer", "dp_adjacency", "dp_budget_epsilon", "dp_budget_action")
@@ -55,7 +56,8 @@ _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptat
                     ("secure_aggregation", "csahe_sigma", "hop_timeout", "csahe_weighting",
                      "csahe_task_request_interval"),
                     ("he", "he_encrypt_layers"),
-                    _DP_FIELDS)
+                    _DP_FIELDS,
+                    ("gpus_per_site", "gpu_mem_gib"))
 DP_MODES = ("none", "adaptive", "fixed")
 BUDGET_ACTIONS = ("warn", "stop")
 # FLARE's TenSEAL context files (HEBuilder / `nvflare poc prepare -he` / `fedseg he-context` write them to startup/)
@@ -126,6 +128,12 @@ class SegJob:
     dp_adjacency: str = "replace"  # what one site's update may change to: "replace" (sensitivity 2C) | "add_remove"
     dp_budget_epsilon: float | None = None  # total epsilon per site; None: no budget
     dp_budget_action: str = "warn"  # at the budget: "warn" (log, keep releasing) | "stop" (the site stops releasing)
+    # FLARE resource_spec ("@default": every site): GPUs and GiB per GPU a site's resource manager must grant before
+    # the job is scheduled there (sites declare theirs with fedseg site configure --gpus N --gpu-mem GiB)
+    gpus_per_site: int = 0
+    gpu_mem_gib: float = 0.0
+    # round checkpoints + resume after a server restart (fedseg.flare.resume; plaintext ScatterAndGather jobs only)
+    resume: bool = True
 
     def __post_init__(self):
         if self.secure_aggregation not in SECURE_AGGREGATIONS:
@@ -236,11 +244,16 @@ class SegJob:
                              "shareable_generator_id": "shareable_generator", "train_task_name": "train",
                              "train_timeout": self.train_timeout, "hop_timeout": self.hop_timeout,
                              "weighting": self.csahe_weighting, "min_ring_sites": 3}}
+        args = {"min_clients": self.min_clients, "num_rounds": self.num_rounds, "start_round": 0,
+                "wait_time_after_min_received": 0, "aggregator_id": "aggregator",
+                "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
+                "train_task_name": "train", "train_timeout": self.train_timeout}
+        if self.resume and not self.he:
+            return {"id": "scatter_and_gather", "path": "fedseg.flare.resume.ResumableScatterAndGather",
+                    "args": {**args, "job_name": self.name, "recorder_id": "metrics_recorder",
+                             "best_model_id": "best_model"}}
         return {"id": "scatter_and_gather", "path": "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather",
-                "args": {"min_clients": self.min_clients, "num_rounds": self.num_rounds, "start_round": 0,
-                         "wait_time_after_min_received": 0, "aggregator_id": "aggregator",
-                         "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
-                         "train_task_name": "train", "train_timeout": self.train_timeout}}
+                "args": args}
 
     def server_config(self) -> dict[str, Any]:
         config = {
@@ -310,7 +323,10 @@ class SegJob:
                                                "encrypted_model": True})
 
     def meta(self) -> dict[str, Any]:
-        return {"name": self.name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]},
+        spec = {}
+        if self.gpus_per_site:
+            spec = {"@default": {"num_of_gpus": int(self.gpus_per_site), "mem_per_gpu_in_GiB": float(self.gpu_mem_gib)}}
+        return {"name": self.name, "resource_spec": spec, "deploy_map": {"app": ["@ALL"]},
                 "min_clients": self.min_clients, "description": self.description}
 
     def summary(self) -> dict[str, Any]:
@@ -373,6 +389,9 @@ LITS_PAPER = SegJob(
     local_epochs=5,
     batch_size=4,
     lr=1e-4,
+    # one GPU per site; 7.1 GiB peak measured for this model and batch on an H100 (docs/experiments/cuda_check)
+    gpus_per_site=1,
+    gpu_mem_gib=8.0,
 )
 
 # What the quick (CPU demo) jobs change of their paper job besides data size and rounds.
@@ -383,6 +402,8 @@ _QUICK_SCALE: dict[str, Any] = {
     "lr": 1e-3,
     "num_threads": 1,
     "test_every_n_rounds": 1,
+    "gpus_per_site": 0,  # CPU demos: schedulable on any site (CUDA is still used where present: device "auto")
+    "gpu_mem_gib": 0.0,
 }
 
 # The quick job: the same code and data path at a CPU-laptop scale on built-in synthetic LiTS-format data
@@ -469,6 +490,7 @@ PPPML_COVID_PAPER = replace(
     alpha=1e-4,
     beta=1e-4,
     lr=1e-4,
+    gpu_mem_gib=0.0,  # one GPU per site; the 2.5D U-Net's memory at 512^3 was not measured: no minimum
     adaptation_steps=3,
     secure_aggregation="csahe",
     csahe_weighting="samples",
@@ -505,6 +527,7 @@ PPPML_COVID = replace(
     data_args={"volume_size": 64},
     model_args=MODEL_PRESETS[("quick", "unet25d")],
     scale="quick",
+    gpus_per_site=0,
     perfedavg_variant="fo",
     alpha=0.5,
     beta=2.0,
@@ -524,6 +547,7 @@ FEDAVG_COVID = replace(
     data_args=PPPML_COVID.data_args,
     model_args=PPPML_COVID.model_args,
     scale="quick",
+    gpus_per_site=0,
     lr=1e-3,
     num_rounds=PPPML_COVID.num_rounds,
     local_epochs=1,
