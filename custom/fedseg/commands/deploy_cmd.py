@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     c.add_argument("--gpus", type=int, default=None, help="site: GPUs FLARE may give to jobs")
     c.add_argument("--gpu-mem", type=float, default=None, help="site: GiB per GPU FLARE may give to jobs")
     c.add_argument("--data-config", type=Path, default=None, help="copy this fedseg data JSON to local/fedseg_data.json")
+    c.add_argument("--heartbeat-timeout", type=float, default=None,
+                   help="server: seconds of silence before a site is declared gone (FLARE default 600)")
     c.set_defaults(func=run_site_configure)
     k = ssub.add_parser("check", help="check a kit's files and certificate (expiry, signer, project)")
     k.add_argument("kit", type=Path)
@@ -127,7 +129,8 @@ def run_site_configure(args) -> int:
 
     for path in args.kits:
         done = configure_kit(read_kit(path), state_dir=args.state_dir, allow_fedseg=args.allow_fedseg,
-                             gpus=args.gpus, gpu_mem_gib=args.gpu_mem, data_config=args.data_config)
+                             gpus=args.gpus, gpu_mem_gib=args.gpu_mem, data_config=args.data_config,
+                             heartbeat_timeout=args.heartbeat_timeout)
         print(json.dumps(done))
     return 0
 

@@ -13,6 +13,8 @@ and the ``.default`` file otherwise. :func:`configure_kit` writes ``resources.js
   FLARE's default ``authorization.json``; ``org_admin`` does not);
 - **GPUs** (sites): ``GPUResourceManager`` ``num_of_gpus`` / ``mem_per_gpu_in_GiB``, which FLARE checks against a
   job's ``resource_spec`` before it schedules the job on the site;
+- **how soon a silent site is declared gone** (server, ``heartbeat_timeout``): FLARE's ``heart_beat_timeout``
+  (600 s by default); a job waiting for a site that crashed goes on after this plus FLARE's 60 s dead-client grace;
 - **data** (sites and, for a test centre, the server): ``local/fedseg_data.json``, fedseg's site-local data
   configuration (see the README's "Using real LiTS data").
 
@@ -50,7 +52,8 @@ def _component(resources: dict, cid: str) -> dict | None:
 
 def configure_kit(kit: Kit, *, state_dir: str | Path | None = None, allow_fedseg: bool = False,
                   gpus: int | None = None, gpu_mem_gib: float | None = None,
-                  data_config: str | Path | None = None, allow_tmp: bool = False) -> dict[str, Any]:
+                  data_config: str | Path | None = None, allow_tmp: bool = False,
+                  heartbeat_timeout: float | None = None) -> dict[str, Any]:
     """Write ``kit/local/resources.json`` (and ``fedseg_data.json``); return a summary of what was set.
     ``allow_tmp``: accept a ``state_dir`` under /tmp (POC systems and tests only)."""
     res = _read_resources(kit)
@@ -75,6 +78,14 @@ def configure_kit(kit: Kit, *, state_dir: str | Path | None = None, allow_fedseg
         for d in (jobs, snaps):
             d.mkdir(parents=True, exist_ok=True)
         done.update(job_storage=str(jobs), snapshot_storage=str(snaps))
+    if heartbeat_timeout is not None:
+        if kit.kind != "server":
+            raise KitError("--heartbeat-timeout is a server setting")
+        if not heartbeat_timeout > 0:
+            raise KitError(f"--heartbeat-timeout must be > 0 seconds, got {heartbeat_timeout}")
+        for srv in res.get("servers", [{}]):
+            srv["heart_beat_timeout"] = float(heartbeat_timeout)
+        done["heart_beat_timeout"] = float(heartbeat_timeout)
     if allow_fedseg:
         allow = res.setdefault("class_allow_list", [])
         if ALLOW_PREFIX not in allow:
