@@ -141,7 +141,11 @@ def load_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
     """Load a name->array mapping into ``model`` (every entry of the model must be present).
 
     An entry may also come as a flat vector with the right number of values (FLARE's HE decryption returns CKKS
-    vectors flat); it is reshaped. Any other shape difference is an error naming the entry."""
+    vectors flat); it is reshaped. Any other shape difference is an error naming the entry.
+
+    Normalisation variances (``*.running_var``) are clamped at 0: a variance cannot be negative, but an aggregate of
+    DP-noised (or CKKS-rounded) updates can push a small one below 0, and BatchNorm would then return NaN. The clamp is
+    post-processing of what was released, so it costs no privacy."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
@@ -157,6 +161,8 @@ def load_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
             if value.shape != tensor.shape:
                 raise ConfigError(f"global model entry {name!r} has shape {tuple(value.shape)}, "
                                   f"local {tuple(tensor.shape)}")
+            if name.endswith("running_var") and value.is_floating_point():
+                value = value.clamp_min(0.0)
             tensor.copy_(value)
 
 

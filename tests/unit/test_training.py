@@ -122,3 +122,18 @@ def test_evaluate_model_empty_prediction_on_empty_truth_scores_one():
         net.body[-1].bias.fill_(-100.0)  # predicts background everywhere
     out = evaluate_model(net, data, torch.device("cpu"))
     assert out["dice"] == 1.0 and out["dice_s"] is None and out["dice_l"] is None
+
+
+def test_load_state_clamps_negative_batchnorm_variances_from_noised_aggregates():
+    """A DP-noised aggregate can make a small running_var negative; BatchNorm would then output NaN."""
+    from fedseg.training import load_state
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["1.running_var"] = torch.tensor([-0.3, 0.7])
+    state["1.running_mean"] = torch.tensor([-0.3, 0.7])  # a mean may be negative: untouched
+    load_state(model, state)
+    assert model[1].running_var.tolist() == [0.0, pytest.approx(0.7)]
+    assert model[1].running_mean.tolist() == [pytest.approx(-0.3), pytest.approx(0.7)]
+    model.eval()
+    assert torch.isfinite(model(torch.randn(1, 1, 4, 4))).all()
