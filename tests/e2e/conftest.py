@@ -9,11 +9,11 @@ processes (and their job processes) when the module's tests are done. HOME is th
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import replace
 
 import pytest
-
 from fedseg.data.synthetic import synth_lits
 from fedseg.deploy.kits import find_kits
 from fedseg.deploy.project import make_project, provision, write_project
@@ -53,6 +53,12 @@ def tiny_lits(tmp_path_factory):
     return cfg
 
 
+# how fast the server gives up on a site that went silent: FLARE's heart_beat_timeout (server resources.json, 600 s by
+# default) and its dead-client grace / check lead time (60 s / 30 s by default, NVFLARE_* environment variables)
+HEARTBEAT_TIMEOUT = 20.0
+FAST_DEAD_CLIENT = {"NVFLARE_DEAD_CLIENT_GRACE_PERIOD": "3", "NVFLARE_DEAD_CLIENT_CHECK_LEAD_TIME": "3"}
+
+
 def provisioned(tmp, name, data_cfg, he=True, sites=SITES):
     fl, admin = free_ports(2)
     project = make_project(name, list(sites), server="localhost", fl_port=fl, admin_port=admin,
@@ -60,8 +66,9 @@ def provisioned(tmp, name, data_cfg, he=True, sites=SITES):
     prod = provision(write_project(project, tmp / "project.yml"), tmp / "ws")
     for kit in find_kits(prod):
         if kit.kind != "admin":
-            configure_kit(kit, state_dir=(tmp / "state") if kit.kind == "server" else None, data_config=data_cfg,
-                          allow_tmp=True)
+            server = kit.kind == "server"
+            configure_kit(kit, state_dir=(tmp / "state") if server else None, data_config=data_cfg, allow_tmp=True,
+                          heartbeat_timeout=HEARTBEAT_TIMEOUT if server else None)
     return prod
 
 
@@ -71,7 +78,7 @@ def flare_system(tmp_path_factory, tiny_lits):
     tmp = tmp_path_factory.mktemp("flare_system")
     prod = provisioned(tmp, "fedseg_e2e", tiny_lits)
     try:
-        start_system(prod, timeout=180)
+        start_system(prod, timeout=180, env=dict(os.environ, **FAST_DEAD_CLIENT))
         yield prod, prod / ADMIN
     finally:
         stop_system(prod)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fedseg.cli import main
 from fedseg.deploy.kits import KitError, check_kit, find_kits, latest_prod_dir, read_kit
 from fedseg.deploy.project import make_project, provision, write_project

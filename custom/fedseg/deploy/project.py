@@ -19,8 +19,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fedseg.deploy.kits import latest_prod_dir
 from fedseg.errors import ConfigError, FedsegError

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedseg.deploy.kits import KitError, admin_address, admin_username, check_kit, read_kit
 from fedseg.errors import FedsegError

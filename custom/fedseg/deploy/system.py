@@ -20,8 +20,9 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fedseg.deploy.kits import Kit, find_kits, latest_prod_dir
 from fedseg.errors import FedsegError
@@ -30,7 +31,7 @@ PROCESSES = "fedseg_processes.json"
 LOGS = "fedseg_logs"
 
 
-class SystemError_(FedsegError, RuntimeError):  # noqa: N801  (not the builtin SystemError)
+class SystemError_(FedsegError, RuntimeError):
     """A FLARE system that did not start or stop as asked (names the participant and its log)."""
 
 
@@ -174,10 +175,22 @@ def start_system(root: str | Path, only: Iterable[str] | None = None, env: dict[
     return _registry(prod)
 
 
+def _signal(procs: list, how: str, wait: float) -> list:
+    """``terminate`` or ``kill`` every process, wait up to ``wait`` seconds; return those still alive."""
+    import psutil
+
+    for q in procs:
+        try:
+            getattr(q, how)()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait)
+    return alive
+
+
 def stop_system(root: str | Path, only: Iterable[str] | None = None, grace: float = 15.0,
                 progress=print) -> list[str]:
     """Stop the recorded processes (sites first, then the server) and their children; return who was stopped."""
-    import psutil
 
     prod = latest_prod_dir(root)
     reg = _registry(prod)
@@ -188,18 +201,8 @@ def stop_system(root: str | Path, only: Iterable[str] | None = None, grace: floa
         p = _proc(reg[name])
         if p is not None:
             tree = [p] + p.children(recursive=True)
-            for q in tree:
-                try:
-                    q.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(tree, timeout=grace)
-            for q in alive:
-                try:
-                    q.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(alive, timeout=5)
+            alive = _signal(tree, "terminate", grace)
+            _signal(alive, "kill", 5)
             stopped.append(name)
             progress(f"stopped {name} (pid {reg[name]['pid']}, {len(tree)} process(es))")
         reg.pop(name)
@@ -209,19 +212,12 @@ def stop_system(root: str | Path, only: Iterable[str] | None = None, grace: floa
 
 def kill_participant(root: str | Path, name: str) -> None:
     """SIGKILL one participant and its job processes at once (a crash, for failure tests and drills)."""
-    import psutil
 
     prod = latest_prod_dir(root)
     reg = _registry(prod)
     if name not in reg or (p := _proc(reg[name])) is None:
         raise SystemError_(f"{name} is not running under {prod}")
-    tree = [p] + p.children(recursive=True)
-    for q in tree:
-        try:
-            q.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    _signal([p] + p.children(recursive=True), "kill", 10)
     reg.pop(name)
     _save_registry(prod, reg)
 
