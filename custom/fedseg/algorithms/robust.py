@@ -56,23 +56,24 @@ With equal weights every weighted variant equals its plain version.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
 from fedseg.errors import ConfigError, UpdateRejected
 
 __all__ = [
-    "RobustResult",
-    "StackedUpdates",
-    "RobustRule",
+    "RULES",
     "CoordinateMedian",
-    "TrimmedMean",
     "Krum",
     "MultiKrum",
     "NormScreening",
-    "RULES",
+    "RobustResult",
+    "RobustRule",
+    "StackedUpdates",
+    "TrimmedMean",
     "make_rule",
     "robust_aggregate",
     "stack_updates",
@@ -95,26 +96,26 @@ class RobustResult:
     """
 
     rule: str
-    aggregate: Dict[str, np.ndarray]
-    kept: Tuple[str, ...]
-    rejected: Dict[str, str] = field(default_factory=dict)
-    scores: Dict[str, float] = field(default_factory=dict)
-    details: Dict[str, Any] = field(default_factory=dict)
-    skipped: Tuple[str, ...] = ()
+    aggregate: dict[str, np.ndarray]
+    kept: tuple[str, ...]
+    rejected: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass
 class StackedUpdates:
     """Updates as one ``(n_sites, d)`` float64 matrix ``X`` (row k = site ``sites[k]``) plus the entry layout."""
 
-    sites: Tuple[str, ...]
-    names: Tuple[str, ...]
-    shapes: Tuple[Tuple[int, ...], ...]
+    sites: tuple[str, ...]
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
     X: np.ndarray
-    weights: Optional[np.ndarray]  # (n_sites,) float64, or None for equal weights
-    skipped: Tuple[str, ...] = ()
+    weights: np.ndarray | None  # (n_sites,) float64, or None for equal weights
+    skipped: tuple[str, ...] = ()
 
-    def unstack(self, vector: np.ndarray, dtype=np.float32) -> Dict[str, np.ndarray]:
+    def unstack(self, vector: np.ndarray, dtype=np.float32) -> dict[str, np.ndarray]:
         """Split a length-``d`` vector back into the entries (name -> array of the entry's shape)."""
         out, start = {}, 0
         for name, shape in zip(self.names, self.shapes):
@@ -137,7 +138,7 @@ def _limited(names: Sequence[str]) -> str:
 
 
 def stack_updates(
-    updates: Mapping[Hashable, Mapping[str, np.ndarray]], weights: Optional[Mapping[Hashable, float]] = None
+    updates: Mapping[Hashable, Mapping[str, np.ndarray]], weights: Mapping[Hashable, float] | None = None
 ) -> StackedUpdates:
     """Validate the updates against each other and stack their float entries into ``X`` (n_sites, d), float64.
 
@@ -150,8 +151,8 @@ def stack_updates(
     if len(set(sites)) != len(sites):
         raise UpdateRejected(f"site names are not unique as strings: {sites}")
     first_site = sites[0]
-    layout: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
-    arrays: List[Dict[str, np.ndarray]] = []
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    arrays: list[dict[str, np.ndarray]] = []
     for site, update in zip(sites, updates.values()):
         if not isinstance(update, Mapping) or not update:
             raise UpdateRejected(f"site {site!r}: the update is empty or not a name->array mapping")
@@ -228,14 +229,14 @@ def _column_chunks(n_rows: int, d: int):
         yield slice(start, min(d, start + step))
 
 
-def _weighted_mean(X: np.ndarray, w: Optional[np.ndarray]) -> np.ndarray:
+def _weighted_mean(X: np.ndarray, w: np.ndarray | None) -> np.ndarray:
     """``sum_k w_k x_k / sum_k w_k`` over the rows (plain mean for ``w=None``): FedGS equation 1."""
     if w is None:
         return X.mean(axis=0)
     return (w @ X) / w.sum()
 
 
-def weighted_median(X: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+def weighted_median(X: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     """Coordinate-wise (weighted) median of the rows of ``X`` (n, d) with row weights ``w`` > 0 (None: equal).
 
     Definition. Per coordinate, sort the values ``x_(1) <= ... <= x_(n)`` carrying their weights ``w_(i)``, with
@@ -290,7 +291,7 @@ class RobustRule:
     def aggregate(
         self,
         updates: Mapping[Hashable, Mapping[str, np.ndarray]],
-        weights: Optional[Mapping[Hashable, float]] = None,
+        weights: Mapping[Hashable, float] | None = None,
         dtype=np.float32,
     ) -> RobustResult:
         stacked = stack_updates(updates, weights)
@@ -316,7 +317,7 @@ class RobustRule:
 
 class CoordinateMedian(RobustRule):
     """Coordinate-wise median (Yin, Chen, Ramchandran & Bartlett 2018, "Byzantine-robust distributed learning:
-    towards optimal statistical rates", ICML, Definition 1): ``agg_j = median_k X[k, j]`` for every coordinate j.
+    towards optimal statistical rates", ICML): ``agg_j = median_k X[k, j]`` for every coordinate j.
 
     With weights: the weighted median of :func:`weighted_median`, per coordinate. Robust while the faulty sites are
     fewer than half (hold less than half of the weight). Needs >= 3 sites (with 2 the median is the mean).
@@ -332,7 +333,7 @@ class CoordinateMedian(RobustRule):
 
 
 class TrimmedMean(RobustRule):
-    """Coordinate-wise trimmed mean (Yin et al. 2018, Definition 2): per coordinate, drop the ``k = floor(beta n)``
+    """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the ``k = floor(beta n)``
     smallest and the ``k`` largest values and average the remaining ``n - 2k``.
 
     ``beta`` in [0, 0.5) is the fraction trimmed per side; beta = 0 is the plain mean (no protection). With weights:
@@ -362,7 +363,7 @@ class TrimmedMean(RobustRule):
 
     def trim_count(self, n: int) -> int:
         """``k = floor(beta n)`` (a 1e-9 slack absorbs rounding, e.g. 0.2 * 5), at most ``(n - 1) // 2``."""
-        return min(int(math.floor(self.beta * n + 1e-9)), (n - 1) // 2)
+        return min(math.floor(self.beta * n + 1e-9), (n - 1) // 2)
 
     def _check_site_count(self, n: int) -> None:
         if self.beta > 0.0 and (n < 3 or self.trim_count(n) < 1):
@@ -430,20 +431,22 @@ def _order_with_ties(scores: np.ndarray, rel_tol: float = 1e-9) -> np.ndarray:
 
 class Krum(RobustRule):
     """Krum (Blanchard, El Mhamdi, Guerraoui & Stainer 2017, "Machine learning with adversaries: Byzantine tolerant
-    gradient descent", NeurIPS, section 4).
+    gradient descent", NeurIPS).
 
     For n sites of which at most f are Byzantine, with ``n >= 2f + 3`` (the paper's ``2f + 2 < n``), the score of
     site i is ``s(i) = sum_{j in N_i} ||x_i - x_j||^2`` over its ``n - f - 2`` nearest other sites ``N_i``; Krum
-    returns the update of the site with the lowest score (ties, up to 1e-9 relative: the earlier site). Squared distances come from the
-    Gram matrix (:func:`_pairwise_sq_distances`). Weights are not used (an unweighted selection of one update).
-    Scores: ``s(i)``. The sites not selected are rejected with their score.
+    returns the update of the site with the lowest score (ties, up to 1e-9 relative: the earlier site). Squared
+    distances come from the Gram matrix (:func:`_pairwise_sq_distances`). Weights are not used (an unweighted
+    selection of one update). Scores: ``s(i)``. The sites not selected are rejected with their score.
     """
 
     name = "krum"
 
     def __init__(self, f: int = 1):
         if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
-            raise ConfigError(f"{self.name}: f (the number of Byzantine sites tolerated) must be an integer >= 0, got {f!r}")
+            raise ConfigError(
+                f"{self.name}: f (the number of Byzantine sites tolerated) must be an integer >= 0, got {f!r}"
+            )
         self.f = int(f)
 
     def min_sites(self) -> int:
@@ -489,18 +492,20 @@ class Krum(RobustRule):
 
 
 class MultiKrum(Krum):
-    """Multi-Krum (Blanchard et al. 2017, section 5): the Krum scores are computed once, the ``m`` sites with the
-    lowest scores are selected and their updates averaged -- here by the steps-weighted mean (FedGS equation 1 over
-    the selected sites; plain mean without weights). ``m`` in [1, n - f]; ``None`` means ``n - f`` (drop exactly f).
-    ``m = 1`` is Krum.
+    """Multi-Krum (Blanchard et al. 2017): the Krum scores are computed once, the ``m`` sites with the lowest scores
+    are selected and their updates averaged -- here by the steps-weighted mean (FedGS equation 1 over the selected
+    sites; plain mean without weights). ``m`` in [1, n - f]; ``None`` means ``n - f`` (drop exactly f). ``m = 1`` is
+    Krum.
     """
 
     name = "multi_krum"
 
-    def __init__(self, f: int = 1, m: Optional[int] = None):
+    def __init__(self, f: int = 1, m: int | None = None):
         super().__init__(f)
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
-            raise ConfigError(f"multi_krum: m (the number of selected sites) must be an integer >= 1 or null, got {m!r}")
+            raise ConfigError(
+                f"multi_krum: m (the number of selected sites) must be an integer >= 1 or null, got {m!r}"
+            )
         self.m = None if m is None else int(m)
 
     def _m(self, n: int) -> int:
@@ -550,7 +555,8 @@ class NormScreening(RobustRule):
         agg = _weighted_mean(st.X[idx], w)
         kept = tuple(st.sites[i] for i in idx)
         rejected = {
-            st.sites[i]: f"update norm {norms[i]:.6g} exceeds {self.factor:g} x the median norm {median:.6g} = {bound:.6g}"
+            st.sites[i]: f"update norm {norms[i]:.6g} exceeds {self.factor:g} x the median norm {median:.6g} "
+            f"= {bound:.6g}"
             for i in np.flatnonzero(~keep)
         }
         details = {"factor": self.factor, "median_norm": median, "bound": bound, "weighted": st.weights is not None}
@@ -580,7 +586,7 @@ def make_rule(name: str, **params) -> RobustRule:
 def robust_aggregate(
     rule,
     updates: Mapping[Hashable, Mapping[str, np.ndarray]],
-    weights: Optional[Mapping[Hashable, float]] = None,
+    weights: Mapping[Hashable, float] | None = None,
     dtype=np.float32,
     **params,
 ) -> RobustResult:
