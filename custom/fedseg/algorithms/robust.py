@@ -596,3 +596,46 @@ def robust_aggregate(
     elif params:
         raise ConfigError(f"robust_aggregate: parameters {sorted(params)} are only used with a rule name")
     return rule.aggregate(updates, weights, dtype=dtype)
+
+
+class RobustCollector:
+    """A robust rule behind the interface of :class:`fedseg.algorithms.fedgs.WeightedUpdateAccumulator` (``add``,
+    ``len``, ``contributors``, ``total_weight``, ``result``), so that an aggregator built for the steps-weighted mean
+    can use any rule here. Updates are kept until :meth:`result`, which runs the rule; ``last`` holds its
+    :class:`RobustResult`. ``weighted=False`` passes no steps weights to the rule (equal weights; see the module
+    docstring for when that is the safer choice)."""
+
+    def __init__(self, rule: RobustRule, weighted: bool = True):
+        if not isinstance(rule, RobustRule):
+            raise ConfigError(f"RobustCollector needs a RobustRule, got {type(rule).__name__}")
+        self.rule = rule
+        self.weighted = bool(weighted)
+        self._updates: dict[str, Mapping[str, np.ndarray]] = {}
+        self._weights: dict[str, float] = {}
+        self.contributors: list = []
+        self.last: RobustResult | None = None
+
+    def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str = "") -> None:
+        weight = float(weight)
+        if not math.isfinite(weight) or weight <= 0:
+            raise UpdateRejected(f"site {contributor!r}: aggregation weight must be > 0, got {weight}")
+        if contributor in self._updates:
+            raise UpdateRejected(f"site {contributor!r}: a second update for this aggregation")
+        self._updates[contributor] = update
+        self._weights[contributor] = weight
+        self.contributors.append(contributor)
+
+    def __len__(self) -> int:
+        return len(self.contributors)
+
+    @property
+    def total_weight(self) -> float:
+        """Steps of the sites whose updates entered the last aggregate (all added sites before :meth:`result`)."""
+        kept = self.last.kept if self.last is not None else self.contributors
+        return float(sum(self._weights[s] for s in kept))
+
+    def result(self, dtype=np.float32) -> dict[str, np.ndarray]:
+        if not self.contributors:
+            raise ValueError("no update was added")
+        self.last = self.rule.aggregate(self._updates, self._weights if self.weighted else None, dtype=dtype)
+        return self.last.aggregate

@@ -28,12 +28,17 @@ class FedGSAggregator(Aggregator):
         if int(min_accepted) < 1:
             raise ValueError(f"min_accepted must be >= 1, got {min_accepted}")
         self.min_accepted = int(min_accepted)
-        self._acc = WeightedUpdateAccumulator()
+        self._acc = self._new_accumulator()
         self._round = None
         self.rejected = {}  # site -> reason, for the current round
 
+    def _new_accumulator(self):
+        """The step-weighted mean (FedGS equation 1); :class:`fedseg.flare.robust_aggregator.RobustAggregator`
+        replaces it by a robust rule with the same interface."""
+        return WeightedUpdateAccumulator()
+
     def reset(self, fl_ctx: FLContext):
-        self._acc = WeightedUpdateAccumulator()
+        self._acc = self._new_accumulator()
         self.rejected = {}
 
     def _reference(self, fl_ctx: FLContext):
@@ -93,6 +98,9 @@ class FedGSAggregator(Aggregator):
         self.log_info(fl_ctx, f"accepted the update of site {site!r} ({int(steps)} steps) for round {current_round}")
         return True
 
+    def _after_result(self, fl_ctx: FLContext, current_round) -> None:
+        """Hook after the round's aggregate was computed (the robust aggregator logs what its rule did)."""
+
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         n = len(self._acc) if self._round == current_round else 0
@@ -104,9 +112,11 @@ class FedGSAggregator(Aggregator):
             )
             dxo = DXO(data_kind=DataKind.WEIGHT_DIFF, data={}, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 0})
         else:
+            data = self._acc.result()
+            self._after_result(fl_ctx, current_round)
             dxo = DXO(
                 data_kind=DataKind.WEIGHT_DIFF,
-                data=self._acc.result(),
+                data=data,
                 meta={MetaKey.NUM_STEPS_CURRENT_ROUND: self._acc.total_weight, "contributors": list(self._acc.contributors)},
             )
             self.log_info(
