@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -18,7 +17,7 @@ from fedseg.data.synthetic import synth_lits
 from fedseg.deploy.kits import find_kits
 from fedseg.deploy.project import make_project, provision, write_project
 from fedseg.deploy.site_config import configure_kit
-from fedseg.deploy.system import start_system, stop_system
+from fedseg.deploy.system import free_loopback_ports, start_system, stop_system
 from fedseg.jobs.recipes import JOBS
 
 SITES = ("site-1", "site-2", "site-3")
@@ -27,16 +26,7 @@ TINY = dict(num_rounds=2, local_epochs=1, max_steps_per_round=2, min_clients=3, 
             data_args={"image_size": 32, "min_tumour_pixels": 4}, model_args={"base_chan": 4}, test_every_n_rounds=1)
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+free_ports = free_loopback_ports
 
 
 def tiny_job(name: str, out, byoc: bool = True, **overrides):
