@@ -49,6 +49,8 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "dp_percentile": 50.0, "dp_quantile_epsilon": 0.1, "dp_clip_lr": 0.2, "dp_per_layer": False,
     "dp_adjacency": "replace", "dp_budget_epsilon": None, "dp_budget_action": "warn",
     "gpus_per_site": 0, "gpu_mem_gib": 0.0,
+    "robust_rule": "none", "robust_args": None, "robust_weighted": True,
+    "attack": "none", "attack_sites": None, "attack_gamma": 4.0, "attack_noise_scale": 1.0,
 }
 _DP_FIELDS = ("dp", "dp_mechanism", "dp_epsilon", "dp_delta", "dp_clip_init", "dp_percentile", "dp_quantile_epsilon",
               "dp_clip_lr", "dp_per_layer", "dp_adjacency", "dp_budget_epsilon", "dp_budget_action")
@@ -57,8 +59,11 @@ _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptat
                      "csahe_task_request_interval"),
                     ("he", "he_encrypt_layers"),
                     _DP_FIELDS,
-                    ("gpus_per_site", "gpu_mem_gib"))
+                    ("gpus_per_site", "gpu_mem_gib"),
+                    ("robust_rule", "robust_args", "robust_weighted"),
+                    ("attack", "attack_sites", "attack_gamma", "attack_noise_scale"))
 DP_MODES = ("none", "adaptive", "fixed")
+ROBUST_RULES = ("none", "median", "trimmed_mean", "krum", "multi_krum", "norm_screening")
 BUDGET_ACTIONS = ("warn", "stop")
 # FLARE's TenSEAL context files (HEBuilder / `nvflare poc prepare -he` / `fedseg he-context` write them to startup/)
 CLIENT_CONTEXT = "client_context.tenseal"
@@ -132,6 +137,17 @@ class SegJob:
     # the job is scheduled there (sites declare theirs with fedseg site configure --gpus N --gpu-mem GiB)
     gpus_per_site: int = 0
     gpu_mem_gib: float = 0.0
+    # robust aggregation against poisoning (fedseg.flare.robust_aggregator, paper 002): "none" (FedGS's step-weighted
+    # mean) | "median" | "trimmed_mean" | "krum" | "multi_krum" | "norm_screening"; robust_args: the rule's parameters
+    robust_rule: str = "none"
+    robust_args: dict | None = None
+    robust_weighted: bool = True  # pass the sites' steps as weights where the rule uses them
+    # a SIMULATED attack for experiments (fedseg.flare.attack_filter): "none" | "scale" (model replacement, update x
+    # attack_gamma) | "noise" (Gaussian noise of attack_noise_scale x the update's norm) at the sites attack_sites
+    attack: str = "none"
+    attack_sites: list | None = None
+    attack_gamma: float = 4.0
+    attack_noise_scale: float = 1.0
     # round checkpoints + resume after a server restart (fedseg.flare.resume; plaintext ScatterAndGather jobs only)
     resume: bool = True
 
@@ -142,6 +158,15 @@ class SegJob:
         if self.csahe_weighting not in ("steps", "samples"):
             raise ValueError(f"job {self.name}: csahe_weighting must be 'steps' or 'samples', got "
                              f"{self.csahe_weighting!r}")
+        if self.robust_rule not in ROBUST_RULES:
+            raise ValueError(f"job {self.name}: robust_rule must be one of {ROBUST_RULES}, got {self.robust_rule!r}")
+        if self.robust_rule != "none" and (self.he or self.secure_aggregation != "none"):
+            raise ValueError(f"job {self.name}: a robust rule needs plaintext updates at the server; it does not "
+                             "combine with HE or CSAHE (the server sees only ciphertexts or one sum)")
+        if self.attack not in ("none", "scale", "noise"):
+            raise ValueError(f"job {self.name}: attack must be 'none', 'scale' or 'noise', got {self.attack!r}")
+        if self.attack != "none" and not self.attack_sites:
+            raise ValueError(f"job {self.name}: attack {self.attack!r} needs attack_sites (e.g. ['site-4'])")
         if self.dp not in DP_MODES:
             raise ValueError(f"job {self.name}: dp must be one of {DP_MODES}, got {self.dp!r}")
         if self.dp_budget_action not in BUDGET_ACTIONS:
@@ -211,10 +236,23 @@ class SegJob:
             ],
         }
 
+    def _aggregator(self) -> dict[str, Any]:
+        if self.robust_rule == "none":
+            return {"id": "aggregator", "path": "fedseg.flare.aggregator.FedGSAggregator",
+                    "args": {"min_accepted": self.min_accepted}}
+        return {"id": "aggregator", "path": "fedseg.flare.robust_aggregator.RobustAggregator",
+                "args": {"rule": self.robust_rule, "rule_args": dict(self.robust_args or {}),
+                         "weighted": self.robust_weighted, "min_accepted": self.min_accepted}}
+
     def _task_result_filters(self) -> list[dict[str, Any]]:
-        """What a site's train result passes through before it leaves the site: DP noise first, then encryption
-        (noise must be added to the plaintext; the server only ever sees the noised update, encrypted)."""
+        """What a site's train result passes through before it leaves the site: a simulated attack (experiments
+        only: the attacker controls its own update), then DP noise, then encryption (noise must be added to the
+        plaintext; the server only ever sees the noised update, encrypted)."""
         filters = []
+        if self.attack != "none":
+            filters.append({"path": "fedseg.flare.attack_filter.SimulatedAttackFilter", "args": {
+                "attack": self.attack, "sites": list(self.attack_sites or []), "gamma": self.attack_gamma,
+                "noise_scale": self.attack_noise_scale, "seed": self.seed}})
         if self.dp != "none":
             filters.append({"path": "fedseg.flare.dp_filter.AdaptiveDPFilter", "args": {
                 "mechanism": self.dp_mechanism, "epsilon": self.dp_epsilon, "delta": self.dp_delta,
@@ -272,8 +310,7 @@ class SegJob:
                 {"id": "shareable_generator",
                  "path": "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
                  "args": {}},
-                {"id": "aggregator", "path": "fedseg.flare.aggregator.FedGSAggregator",
-                 "args": {"min_accepted": self.min_accepted}},
+                self._aggregator(),
                 {"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                  "args": {"events": [FED_ANALYTICS_EVENT]}},
                 {"id": "best_model", "path": "fedseg.flare.best_model.BestModelKeeper", "args": {}},
@@ -573,7 +610,7 @@ LITS_HE = replace(
 
 # FedGS with adaptive differential privacy of each site's update (paper 003; DESIGN.md section 4): L1 clipping at a
 # threshold that tracks the median update norm (noisy quantile), Laplace noise scaled to the threshold. The per-round
-# epsilon is what a UTNet of ~1e6 parameters can learn with at this scale (docs/experiments/dp_sweep); see
+# epsilon is what a UTNet of ~1e6 parameters can learn with at this scale (docs/experiments/privacy_utility_cpu); see
 # docs/privacy/dp.md for what that guarantee means.
 LITS_ADP = replace(
     LITS_QUICK,
@@ -609,6 +646,23 @@ LITS_ADP_HE = replace(
 )
 
 
+# Robust aggregation against poisoning (paper 002): the quick FedGS job with a simulated model-replacement attack at
+# site-4 (update x 4 = n_S / n_i for 4 equally weighted sites) and norm screening as the defence. Change the attack
+# and the defence with --set attack=noise|none --set robust_rule=median|trimmed_mean|krum|multi_krum|none.
+LITS_ROBUST = replace(
+    LITS_QUICK,
+    name="fedgs_lits_robust",
+    description="FedGS on built-in synthetic LiTS-format data under a SIMULATED model-replacement attack at site-4 "
+    "(update x 4), defended by norm screening (updates above 3 x the median norm are rejected): a security "
+    "experiment; attack and defence are job settings.",
+    robust_rule="norm_screening",
+    robust_args={"factor": 3.0},
+    attack="scale",
+    attack_sites=["site-4"],
+    attack_gamma=4.0,
+)
+
+
 def _fedavg(job: SegJob, name: str) -> SegJob:
     return replace(job, name=name, aggregation="fedavg",
                    description=job.description.replace("FedGS", "FedAvg (baseline: FedGS code path with eta = 1)", 1))
@@ -635,6 +689,7 @@ JOBS: dict[str, SegJob] = {
         LITS_ADP,
         LITS_DP_FIXED,
         LITS_ADP_HE,
+        LITS_ROBUST,
     )
 }
 
