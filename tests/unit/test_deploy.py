@@ -183,7 +183,9 @@ def test_poc_run_refuses_a_prepared_system_of_another_shape(tmp_path, capsys):
                  "--admin-port", str(_free_port())]) == 0
     kits = latest_prod_dir(ws / "fedseg_poc")
     assert {k.name for k in find_kits(kits)} == {"localhost", "site-1", "site-2", "admin@poc.org"}
-    assert json.loads((kits / "localhost" / "local" / "resources.json").read_text())  # storage moved into ws
+    res = json.loads((kits / "localhost" / "local" / "resources.json").read_text())
+    jm = next(c for c in res["components"] if c["id"] == "job_manager")
+    assert jm["args"]["uri_root"] == str(ws.resolve() / "state" / "jobs-storage")  # not FLARE's /tmp/nvflare
     assert main(["poc", "run", str(REPO / "jobs" / "fedgs_lits"), "--workspace", str(ws), "--sites", "3"]) == 2
     assert "has 2 site(s)" in capsys.readouterr().err
     assert main(["poc", "clean", "--workspace", str(ws)]) == 0 and not ws.exists()

@@ -83,7 +83,7 @@ def configure_kit(kit: Kit, *, state_dir: str | Path | None = None, allow_fedseg
             raise KitError("--heartbeat-timeout is a server setting")
         if not heartbeat_timeout > 0:
             raise KitError(f"--heartbeat-timeout must be > 0 seconds, got {heartbeat_timeout}")
-        for srv in res.get("servers", [{}]):
+        for srv in res.setdefault("servers", [{}]):
             srv["heart_beat_timeout"] = float(heartbeat_timeout)
         done["heart_beat_timeout"] = float(heartbeat_timeout)
     if allow_fedseg:
