@@ -68,3 +68,75 @@ def test_the_filter_attacks_only_the_named_sites_and_says_so(caplog):
 def test_bad_attack_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SimulatedAttackFilter(**{"attack": "scale", "sites": ["site-4"], **kwargs})
+
+
+class _Rows:
+    def __init__(self):
+        self.images = np.zeros((3, 4, 4), np.float32)
+        self.masks = np.zeros((3, 4, 4), np.uint8)
+        self.masks[1, 1:3, 1:3] = 1
+        self.delta = np.array([0.0, 0.7, 0.0], np.float32)
+        self.small = np.array([False, True, False])
+        self.nonempty = np.array([False, True, False])
+
+
+def test_mask_flipped_data_flips_every_read_mask_and_keeps_the_images():
+    from fedseg.attacks.poisoning import MaskFlippedData
+    from fedseg.evaluation import image_batch, mask_batch
+
+    data = _Rows()
+    flipped = MaskFlippedData(data)
+    y = mask_batch(flipped, np.array([0, 1])).numpy()[:, 0]
+    np.testing.assert_array_equal(y[0], np.ones((4, 4)))
+    np.testing.assert_array_equal(y[1], 1 - data.masks[1])
+    np.testing.assert_array_equal(image_batch(flipped, np.array([2])).numpy(), image_batch(data, np.array([2])).numpy())
+    assert flipped.masks.shape == data.masks.shape and len(flipped) == 3
+    # the difficulty of a flipped mask: never a small lesion, delta 0 (eta = 1)
+    np.testing.assert_array_equal(flipped.delta, [0, 0, 0])
+    assert not flipped.small.any()
+    assert flipped.nonempty is data.nonempty  # other attributes are the wrapped data's
+    assert not hasattr(flipped, "batch")  # no hook on the data -> none on the wrapper
+    np.testing.assert_array_equal(data.masks[0], 0)  # the site's data is not modified
+
+
+def test_mask_flipped_data_flips_the_targets_of_a_batch_hook():
+    import torch
+
+    from fedseg.attacks.poisoning import MaskFlippedData
+
+    class Hooked(_Rows):
+        def batch(self, idx):
+            return torch.zeros(len(idx), 1, 4, 4), torch.from_numpy(self.masks[idx, None].astype(np.float32))
+
+    x, y = MaskFlippedData(Hooked()).batch(np.array([1]))
+    np.testing.assert_array_equal(y.numpy()[0, 0], 1 - Hooked().masks[1])
+
+
+def test_mask_flip_is_a_data_attack_not_a_filter_and_the_trainer_validates_it():
+    from fedseg.flare.executor import SegmentationTrainer
+
+    with pytest.raises(ConfigError, match="data attack"):
+        SimulatedAttackFilter(attack="mask_flip", sites=["site-2"])
+    t = SegmentationTrainer(simulated_attack={"attack": "mask_flip", "sites": ["site-2"]})
+    assert t.simulated_attack == {"attack": "mask_flip", "sites": ["site-2"]}
+    with pytest.raises(ConfigError, match="simulated_attack must be"):
+        SegmentationTrainer(simulated_attack={"attack": "scale", "sites": ["site-2"]})
+    with pytest.raises(ConfigError, match="simulated_attack must be"):
+        SegmentationTrainer(simulated_attack={"attack": "mask_flip", "sites": []})
+
+
+def test_recipe_puts_mask_flip_in_the_trainer_and_update_attacks_in_the_filter():
+    from dataclasses import replace
+
+    from fedseg.jobs.recipes import JOBS
+
+    job = replace(JOBS["fedgs_lits_robust"], attack="mask_flip", attack_sites=["site-3"])
+    client = job.client_config()
+    assert client["executors"][0]["executor"]["args"]["simulated_attack"] == {"attack": "mask_flip",
+                                                                              "sites": ["site-3"]}
+    assert client["task_result_filters"] == []
+    scale = JOBS["fedgs_lits_robust"].client_config()
+    assert "simulated_attack" not in scale["executors"][0]["executor"]["args"]
+    assert scale["task_result_filters"][0]["filters"][0]["args"]["attack"] == "scale"
+    with pytest.raises(ValueError, match="attack must be one of"):
+        replace(job, attack="flip")

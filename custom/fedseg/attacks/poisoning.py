@@ -9,8 +9,12 @@ What a malicious site sends instead of its honest update ``Delta`` (a name -> ar
 - ``noise`` -- a site sending random noise (a broken or hostile site): Gaussian noise with the L2 norm of the honest
   update times ``scale`` (``noise_update``), so the noise is not trivially screened by its size unless ``scale`` is large.
 
+- ``mask_flip`` -- the label-flipping attack of segmentation (paper 002, section 3.2: data poisoning): the attacker
+  trains honestly, but on its training images with every mask flipped (lesion <-> background), and sends the
+  resulting update. It is a data attack: :class:`MaskFlippedData` wraps the site's training data and the site's
+  trainer runs unchanged (``fedseg.flare.executor.SegmentationTrainer``'s ``simulated_attack``).
+
 Integer entries (``num_batches_tracked`` and index tables) are never part of an update and are passed through.
-The mask-flipping (label) attack is a data attack: ``flip_mask`` gives the flipped training mask.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import numpy as np
 
 from fedseg.errors import ConfigError
 
-ATTACKS = ("scale", "noise")
+UPDATE_ATTACKS = ("scale", "noise")  # change the update after training (a task-result filter)
+DATA_ATTACKS = ("mask_flip",)  # change the training data (the site's trainer)
+ATTACKS = UPDATE_ATTACKS + DATA_ATTACKS
 
 
 def _floats(update: Mapping[str, np.ndarray]):
@@ -58,3 +64,49 @@ def flip_mask(mask: np.ndarray) -> np.ndarray:
     if not np.isin(m, (0, 1)).all():
         raise ConfigError("flip_mask needs a binary (0/1) mask")
     return (1 - m).astype(m.dtype)
+
+
+class _FlippedRows:
+    """Read-only view of a mask array whose rows come out flipped (``1 - m``); nothing is copied up front."""
+
+    def __init__(self, masks):
+        self._masks = masks
+        self.shape = getattr(masks, "shape", None)
+        self.dtype = getattr(masks, "dtype", None)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __getitem__(self, idx):
+        return flip_mask(np.asarray(self._masks[idx]))
+
+
+class MaskFlippedData:
+    """A site's training data with every mask flipped: the mask-flipping attacker's view of its own data.
+
+    Wraps any dataset the trainer accepts (``images`` / ``masks`` arrays, or a ``batch(idx) -> (x, y)`` hook, whose
+    targets are flipped as ``1 - y``); every other attribute is the wrapped dataset's. The FedGS difficulty is that of
+    the flipped masks: a flipped mask covers all but the lesion, so no slice is "small" and ``delta = 0`` (eta = 1
+    for every batch), exactly what the difficulty rule gives for such masks. Non-binary masks fail at the first read
+    with :func:`flip_mask`'s error.
+    """
+
+    def __init__(self, data):
+        self._data = data
+        self.masks = _FlippedRows(data.masks) if hasattr(data, "masks") else None
+        self.delta = np.zeros(len(data.delta), dtype=np.asarray(data.delta).dtype)
+        self.small = np.zeros(len(data.delta), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.delta)
+
+    def __getattr__(self, name):
+        if name == "batch":
+            inner = getattr(self._data, "batch")  # AttributeError when the data has no hook: hasattr() is False
+
+            def batch(idx):
+                x, y = inner(idx)
+                return x, 1 - y
+
+            return batch
+        return getattr(self._data, name)

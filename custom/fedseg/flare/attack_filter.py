@@ -15,7 +15,7 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedseg.attacks.poisoning import ATTACKS, boost_update, noise_update
+from fedseg.attacks.poisoning import UPDATE_ATTACKS, boost_update, noise_update
 from fedseg.errors import ConfigError
 
 
@@ -23,8 +23,9 @@ class SimulatedAttackFilter(DXOFilter):
     def __init__(self, attack: str = "scale", sites: list[str] | None = None, gamma: float = 4.0,
                  noise_scale: float = 1.0, seed: int | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
-        if attack not in ATTACKS:
-            raise ConfigError(f"SimulatedAttackFilter: attack must be one of {ATTACKS}, got {attack!r}")
+        if attack not in UPDATE_ATTACKS:
+            raise ConfigError(f"SimulatedAttackFilter: attack must be one of {UPDATE_ATTACKS}, got {attack!r} "
+                              "(mask_flip is a data attack: the trainer's simulated_attack setting)")
         if not sites:
             raise ConfigError("SimulatedAttackFilter: name the attacking site(s) in 'sites'")
         if not gamma > 0 or not noise_scale > 0:

@@ -91,6 +91,7 @@ class SegmentationTrainer(Executor):
         adaptation_steps: int = 0,
         secure_aggregation: str = "none",
         csahe_sigma: float = 1e4,
+        simulated_attack: dict | None = None,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         analytic_sender_id: str = "analytic_sender",
@@ -101,6 +102,8 @@ class SegmentationTrainer(Executor):
                               f"{secure_aggregation!r} (set it in the job's client config)")
         self.secure_aggregation = secure_aggregation
         self.csahe_sigma = csahe_sigma
+        self.simulated_attack = _check_data_attack(simulated_attack)
+        self.attacking = False
         if secure_aggregation == "csahe":
             from fedseg.algorithms.csahe import _check_sigma
 
@@ -153,6 +156,14 @@ class SegmentationTrainer(Executor):
         train, source = load_site_data(self.dataset, self.site, "train", self.data_args, workspace_root)
         self.val_data, _ = load_site_data(self.dataset, self.site, "val", self.data_args, workspace_root)
         self.data_origin = "builtin" if source.root is None else "site-config"
+        attack = self.simulated_attack
+        if attack and self.site in attack["sites"]:  # a SIMULATED data-poisoning site (security experiments only)
+            from fedseg.attacks.poisoning import MaskFlippedData
+
+            train = MaskFlippedData(train)
+            self.attacking = True
+            self.log_warning(fl_ctx, f"SIMULATED ATTACK at {self.site}: {attack['attack']}, every training mask is "
+                             "flipped (lesion <-> background); never deploy this setting")
         n_small = int(train.small.sum())
         self.log_info(
             fl_ctx,
@@ -211,6 +222,9 @@ class SegmentationTrainer(Executor):
             result = self.trainer.train_round(dxo.data, should_stop=lambda: abort_signal.triggered)
         except InterruptedError:
             return make_reply(ReturnCode.TASK_ABORTED)
+        if self.attacking:
+            self.log_warning(fl_ctx, f"SIMULATED ATTACK at {self.site}: {self.simulated_attack['attack']} "
+                             f"(round {current_round}, trained on flipped masks)")
         m = result.metrics
         eta = f", mean eta {m['eta_mean']:.3f}" if "eta_mean" in m else ""
         self.log_info(fl_ctx, f"round {current_round}: {result.steps} local steps, loss {m.get('train_loss', float('nan')):.4f}"
@@ -228,6 +242,8 @@ class SegmentationTrainer(Executor):
                 "train_metrics": result.metrics,
             },
         )
+        if self.attacking:
+            out.set_meta_prop("simulated_attack", {"site": self.site, "attack": self.simulated_attack["attack"]})
         return out.to_shareable()
 
     def _keep_update(self, result, val: dict, current_round: int, fl_ctx: FLContext) -> Shareable:
@@ -307,6 +323,19 @@ class SegmentationTrainer(Executor):
             val[PERSONALIZED] = public_metrics(self.trainer.evaluate(data, adapted))
         self.log_info(fl_ctx, f"final evaluation on {self.site} ({part}): {val}")
         return DXO(data_kind=DataKind.METRICS, data=val).to_shareable()
+
+
+def _check_data_attack(attack: dict | None) -> dict | None:
+    """``{"attack": "mask_flip", "sites": [...]}`` or None; anything else stops the job at load with the reason."""
+    if not attack:
+        return None
+    from fedseg.attacks.poisoning import DATA_ATTACKS
+
+    if not isinstance(attack, dict) or attack.get("attack") not in DATA_ATTACKS or not attack.get("sites"):
+        raise ConfigError(f"SegmentationTrainer: simulated_attack must be {{'attack': one of {DATA_ATTACKS}, "
+                          f"'sites': [site names]}}, got {attack!r} (update attacks such as 'scale' are a "
+                          "task-result filter, fedseg.flare.attack_filter)")
+    return {"attack": attack["attack"], "sites": [str(s) for s in attack["sites"]]}
 
 
 def _perfedavg_fields(**values) -> dict:

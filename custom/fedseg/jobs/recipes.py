@@ -63,6 +63,7 @@ _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptat
                     ("robust_rule", "robust_args", "robust_weighted"),
                     ("attack", "attack_sites", "attack_gamma", "attack_noise_scale"))
 DP_MODES = ("none", "adaptive", "fixed")
+ATTACKS = ("none", "scale", "noise", "mask_flip")  # fedseg.attacks.poisoning; mask_flip is a data attack (executor)
 ROBUST_RULES = ("none", "median", "trimmed_mean", "krum", "multi_krum", "norm_screening")
 BUDGET_ACTIONS = ("warn", "stop")
 # FLARE's TenSEAL context files (HEBuilder / `nvflare poc prepare -he` / `fedseg he-context` write them to startup/)
@@ -142,8 +143,9 @@ class SegJob:
     robust_rule: str = "none"
     robust_args: dict | None = None
     robust_weighted: bool = True  # pass the sites' steps as weights where the rule uses them
-    # a SIMULATED attack for experiments (fedseg.flare.attack_filter): "none" | "scale" (model replacement, update x
-    # attack_gamma) | "noise" (Gaussian noise of attack_noise_scale x the update's norm) at the sites attack_sites
+    # a SIMULATED attack for experiments: "none" | "scale" (model replacement, update x attack_gamma) | "noise"
+    # (Gaussian noise of attack_noise_scale x the update's norm), both fedseg.flare.attack_filter, | "mask_flip" (the
+    # sites train on flipped masks: the executor's simulated_attack) at the sites attack_sites
     attack: str = "none"
     attack_sites: list | None = None
     attack_gamma: float = 4.0
@@ -163,8 +165,8 @@ class SegJob:
         if self.robust_rule != "none" and (self.he or self.secure_aggregation != "none"):
             raise ValueError(f"job {self.name}: a robust rule needs plaintext updates at the server; it does not "
                              "combine with HE or CSAHE (the server sees only ciphertexts or one sum)")
-        if self.attack not in ("none", "scale", "noise"):
-            raise ValueError(f"job {self.name}: attack must be 'none', 'scale' or 'noise', got {self.attack!r}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"job {self.name}: attack must be one of {ATTACKS}, got {self.attack!r}")
         if self.attack != "none" and not self.attack_sites:
             raise ValueError(f"job {self.name}: attack {self.attack!r} needs attack_sites (e.g. ['site-4'])")
         if self.dp not in DP_MODES:
@@ -219,6 +221,8 @@ class SegJob:
         }
         optional = self._optional()
         trainer_args.update({k: v for k, v in optional.items() if k in _EXECUTOR_ARGS})
+        if self.attack == "mask_flip":  # a data attack: the named sites' trainers train on flipped masks
+            trainer_args["simulated_attack"] = {"attack": "mask_flip", "sites": list(self.attack_sites or [])}
         tasks = ["train", "validate"] + (list(CSAHE_TASKS) if self.secure_aggregation == "csahe" else [])
         return {
             "format_version": 2,
@@ -249,7 +253,7 @@ class SegJob:
         only: the attacker controls its own update), then DP noise, then encryption (noise must be added to the
         plaintext; the server only ever sees the noised update, encrypted)."""
         filters = []
-        if self.attack != "none":
+        if self.attack in ("scale", "noise"):
             filters.append({"path": "fedseg.flare.attack_filter.SimulatedAttackFilter", "args": {
                 "attack": self.attack, "sites": list(self.attack_sites or []), "gamma": self.attack_gamma,
                 "noise_scale": self.attack_noise_scale, "seed": self.seed}})
