@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "predict_cmd",
     "attack_cmd",
     "privacy_cmd",
+    "security_cmd",
     "he_cmd",
     "deploy_cmd",
 )

@@ -17,29 +17,28 @@ and log, kept in the table as failed, and makes the command exit 1 after the tab
 environment (``FEDSEG_DATA_CONFIG`` points them at real data; without it the built-in synthetic data is used).
 
 ``report --run OUT`` redoes the table and plot from the runs in ``OUT`` (``OUT/sweep_plan.json``, written by sweep).
+The running, reuse and report-writing machinery is :mod:`fedseg.commands.sweep_runner` (shared with
+``fedseg security sweep``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shlex
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from fedseg.commands import sweep_runner
 from fedseg.commands.jobs_cmd import parse_sets
+from fedseg.commands.sweep_runner import PLAN, RESULTS  # noqa: F401  (re-exported: the tests' folder layout)
+from fedseg.commands.sweep_runner import fmt as _f
+from fedseg.commands.sweep_runner import pct as _pct
+from fedseg.commands.sweep_runner import simulate as _simulate  # module attribute: tests pass a stand-in
 from fedseg.errors import CommandError
 
 METHODS = ("none", "fixed", "adaptive")
 MECHANISMS = ("laplace", "gaussian")
 KEYS = (("dice", "Dice"), ("dice_s", "DiceS"), ("dice_l", "DiceL"))
-PLAN = "sweep_plan.json"
-RESULTS = Path("server") / "simulate_job" / "results"
 METHOD_LABELS = {"none": "non-private", "fixed": "DP, fixed clipping", "adaptive": "DP, adaptive clipping"}
 
 
@@ -57,12 +56,7 @@ def register(subparsers):
                     help="none (non-private, run once), fixed (fixed clipping), adaptive (noisy-quantile clipping)")
     sw.add_argument("--mechanism", choices=MECHANISMS, default=None,
                     help="noise mechanism (default: the job's dp_mechanism, laplace unless set)")
-    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a job setting in every variant, e.g. --set num_rounds=5 --set dp_clip_init=100")
-    sw.add_argument("--parallel", type=int, default=1, help="simulator runs at a time (default 1)")
-    sw.add_argument("--threads", type=int, default=None, help="simulator threads per run (default: one per site)")
-    sw.add_argument("--rerun", action="store_true", help="re-run variants that already finished")
-    sw.add_argument("--out", type=Path, required=True, help="sweep folder (jobs/, runs/, logs/, table, plot)")
+    sweep_runner.add_run_arguments(sw, "--set num_rounds=5 --set dp_clip_init=100")
     sw.set_defaults(func=run_sweep)
     rp = sub.add_parser("report", help="write sweep.json, table.md and privacy_utility.png from a sweep's runs")
     rp.add_argument("--run", type=Path, required=True, help="the sweep folder (the --out of fedseg privacy sweep)")
@@ -141,41 +135,7 @@ def _check_dp(job, name: str) -> None:
         raise CommandError(f"variant {name}: {e}") from e
 
 
-def _canonical(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 # ---------------------------------------------------------------------- running
-def _finished(run_ws: Path, summary: dict) -> bool:
-    """True when ``run_ws`` holds a finished run of exactly this variant (same job settings)."""
-    marker = run_ws / "variant.json"
-    if not (run_ws / RESULTS / "metrics.json").is_file() or not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == _canonical(summary)
-    except json.JSONDecodeError:
-        return False
-
-
-def _simulate(job_dir: Path, run_ws: Path, log_path: Path, sites: int, threads: int) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(run_ws),
-           "-n", str(sites), "-t", str(threads)]
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    return proc.returncode, time.perf_counter() - t0
-
-
-def _log_tail(path: Path, n: int = 8) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join("      " + line for line in lines[-n:])
-
-
 def sweep_command(args) -> str:
     """The sweep's command line (for the table), rebuilt from its arguments."""
     parts = ["fedseg", "privacy", "sweep", "--job", args.job]
@@ -184,84 +144,18 @@ def sweep_command(args) -> str:
     parts += ["--methods", *args.methods]
     if args.mechanism:
         parts += ["--mechanism", args.mechanism]
-    for item in args.set:
-        parts += ["--set", item]
-    parts += ["--parallel", str(args.parallel)]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    parts += ["--out", str(args.out)]
-    return " ".join(shlex.quote(p) for p in parts)
+    return sweep_runner.quote_command(parts + sweep_runner.run_arguments_command(args))
 
 
 def run_sweep(args) -> int:
-    if args.parallel < 1:
-        raise CommandError(f"--parallel must be >= 1, got {args.parallel}")
-    if args.threads is not None and args.threads < 1:
-        raise CommandError(f"--threads must be >= 1, got {args.threads}")
-    out = args.out.resolve()
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file; give a folder for the sweep")
+    out = sweep_runner.check_run_arguments(args)
     variants = plan_variants(args.job, args.methods, args.epsilons, args.mechanism, parse_sets(args.set))
-    for sub in ("jobs", "runs", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    plan = {"job": args.job, "command": sweep_command(args), "settings": _fixed_settings(variants[0]["job"]),
-            "variants": []}
-    todo = []
-    for v in variants:
-        job = v["job"]
-        entry = {"name": v["name"], "method": v["method"], "epsilon": v["epsilon"], "job_dir": f"jobs/{job.name}",
-                 "workspace": f"runs/{v['name']}", "log": f"logs/{v['name']}.log", "sites": job.min_clients,
-                 "num_rounds": job.num_rounds}
-        plan["variants"].append(entry)
-        run_ws = out / entry["workspace"]
-        if not args.rerun and _finished(run_ws, job.summary()):
-            print(f"{v['name']}: finished run found in {run_ws}; reused (--rerun runs it again)")
-            continue
-        todo.append((entry, job))
-    (out / PLAN).write_text(json.dumps(plan, indent=2))
-    failures = _run_all(out, todo, args.parallel, args.threads)
-    rc = report(out)
-    for name, msg in failures:
-        print(f"FAILED {name}: {msg}", file=sys.stderr)
-    return 1 if failures or rc else 0
-
-
-def _run_all(out: Path, todo: list, parallel: int, threads: int | None) -> list[tuple[str, str]]:
-    """Run the variants (``parallel`` at a time) with a progress bar; [(name, reason)] of the failed ones."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
-    if not todo:
-        return []
-
-    def one(entry, job):
-        run_ws, log_path = out / entry["workspace"], out / entry["log"]
-        if run_ws.exists():  # an unfinished or outdated run of this variant: start it afresh
-            shutil.rmtree(run_ws)
-        job_dir = job.export(out / "jobs")
-        sites = job.min_clients
-        rc, seconds = _simulate(job_dir, run_ws, log_path, sites, threads or sites)
-        ok = rc == 0 and (run_ws / RESULTS / "metrics.json").is_file()
-        if ok:
-            (run_ws / "variant.json").write_text(json.dumps(_canonical(job.summary()), indent=1))
-        return entry, rc, seconds, ok
-
-    failures = []
-    with ThreadPoolExecutor(max_workers=parallel) as pool, \
-            tqdm(total=len(todo), desc="privacy sweep", unit="run") as bar:
-        futures = [pool.submit(one, entry, job) for entry, job in todo]
-        for fut in as_completed(futures):
-            entry, rc, seconds, ok = fut.result()
-            log_path = out / entry["log"]
-            if ok:
-                tqdm.write(f"{entry['name']}: done in {seconds:.0f} s (log {log_path})")
-            else:
-                why = (f"exit code {rc}" if rc != 0 else "no results/metrics.json") + f"; log {log_path}"
-                failures.append((entry["name"], why))
-                tqdm.write(f"{entry['name']}: FAILED ({why}); last lines:\n{_log_tail(log_path)}", file=sys.stderr)
-            bar.update(1)
-    return failures
+    plan = {"job": args.job, "command": sweep_command(args), "settings": _fixed_settings(variants[0]["job"])}
+    entries = [(sweep_runner.variant_entry(v["name"], v["job"], method=v["method"], epsilon=v["epsilon"]), v["job"])
+               for v in variants]
+    failures = sweep_runner.run_plan(out, plan, entries, rerun=args.rerun, parallel=args.parallel,
+                                     threads=args.threads, desc="privacy sweep", simulate=_simulate)
+    return sweep_runner.report_failures(failures, report(out))
 
 
 # ---------------------------------------------------------------------- the table and the plot
@@ -282,15 +176,8 @@ def _privacy_of(metrics: dict, results_dir: Path) -> dict | None:
 def collect(out: Path) -> dict[str, Any]:
     """Read every planned variant's results: {"job", "settings", "rows": [...], "reference": name or None}."""
     out = Path(out)
-    plan_file = out / PLAN
-    if not plan_file.is_file():
-        raise CommandError(f"{plan_file} not found: {out} is not a privacy sweep folder (fedseg privacy sweep "
-                           "--out writes it)")
-    try:
-        plan = json.loads(plan_file.read_text())
-        variants = plan["variants"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CommandError(f"{plan_file} is not a sweep plan ({e}); run fedseg privacy sweep again") from e
+    plan = sweep_runner.load_plan(out, "fedseg privacy sweep")
+    variants = plan["variants"]
     from fedseg.results import site_means
 
     rows = []
@@ -335,14 +222,6 @@ def collect(out: Path) -> dict[str, Any]:
             "reference": ref["name"] if ref else None, "rows": rows}
 
 
-def _f(v, spec=".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:+.1f}%"
-
-
 def markdown(summary: dict) -> str:
     rows = summary["rows"]
     settings = summary.get("settings") or {}
@@ -372,22 +251,12 @@ def markdown(summary: dict) -> str:
                  "over sites of each site's held-out part. Gap: relative difference to the non-private run "
                  + (f"({ref})" if ref else "(not available: no finished non-private run)")
                  + " of the test-centre metric (of the site mean when the run has no test centre).")
-    if settings:
-        lines.append("")
-        lines.append("Held fixed: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()) + ".")
-    if summary.get("command"):
-        lines.append("")
-        lines.append(f"Made with: `{summary['command']}`")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + sweep_runner.footer_lines(summary)) + "\n"
 
 
 def plot(summary: dict, out_png: Path) -> Path:
     """Dice and DiceS against the per-round epsilon (log x): one line per DP method, the non-private run flat."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = sweep_runner.pyplot()
     rows = [r for r in summary["rows"] if r["status"].startswith("ok")]
     use_test = any(r.get("test") for r in rows)
     where = "test" if use_test else "site_mean"
@@ -408,31 +277,15 @@ def plot(summary: dict, out_png: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{summary.get('job')}: privacy vs utility")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return sweep_runner.save_figure(fig, f"{summary.get('job')}: privacy vs utility", out_png)
 
 
 def report(out: Path) -> int:
     """Write sweep.json, table.md and privacy_utility.png in ``out``; 1 when a planned run has no results."""
-    out = Path(out)
-    summary = collect(out)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    text = markdown(summary)
-    (out / "table.md").write_text(text)
-    plot(summary, out / "privacy_utility.png")
-    print(text)
-    print(f"privacy sweep: {out / 'table.md'}, {out / 'sweep.json'}, {out / 'privacy_utility.png'}")
-    missing = [r["name"] for r in summary["rows"] if not r["status"].startswith("ok")]
-    if missing:
-        print(f"runs without results: {missing} (see {out / 'logs'})", file=sys.stderr)
-    return 1 if missing else 0
+    summary = collect(Path(out))
+    return sweep_runner.write_report(Path(out), summary, markdown(summary), plot, "privacy_utility.png",
+                                     "privacy sweep")
 
 
 def run_report(args) -> int:
-    out = args.run.resolve()
-    if not out.is_dir():
-        raise CommandError(f"--run {out} is not a folder; give the --out folder of fedseg privacy sweep")
-    return report(out)
+    return report(sweep_runner.check_report_folder(args.run, "fedseg privacy sweep"))
