@@ -298,6 +298,12 @@ class LocalTrainer:
     def _loss_module(self, model: torch.nn.Module) -> _BatchLoss:
         return _BatchLoss(model, self._batch_loss)
 
+    def loss_view(self, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Callable]:
+        """``(module, loss_fn)`` for code that takes a model and a loss (ResFIM's Fisher): ``loss_fn(module(x), y)`` is
+        this trainer's batch loss of ``model`` (default: the trainer's) on ``(x, y)``, ``training_loss`` included.
+        The module's parameters are ``model``'s, named ``"net." + name``."""
+        return self._loss_module(self.model if model is None else model), _pending_loss
+
     @staticmethod
     def meta_step_groups(order: np.ndarray, batch_size: int, k: int) -> list:
         """The meta-steps of one epoch: lists of k disjoint consecutive index chunks of ``order`` (module doc)."""

@@ -149,7 +149,7 @@ def test_plain_jobs_carry_no_csahe_or_perfedavg_settings():
         args = _client_args(job_dir)
         assert not {"secure_aggregation", "csahe_sigma", "algorithm", "adaptation_steps"} & set(args), name
         server = _server(job_dir)
-        assert "server" not in server and server["workflows"][0]["path"] in (
+        assert "server" not in server and server["workflows"][-2]["path"] in (
             "fedseg.flare.resume.ResumableScatterAndGather",  # plaintext jobs: round checkpoints + resume
             "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather")  # HE jobs
         assert "secure_aggregation" not in JOBS[name].summary()
@@ -294,14 +294,14 @@ def test_bad_privacy_settings_are_refused():
 def test_plaintext_jobs_resume_he_jobs_do_not_and_paper_jobs_ask_for_a_gpu():
     for name, job in JOBS.items():
         server = _server(REPO / "jobs" / name)
-        path = server["workflows"][0]["path"]
+        path = server["workflows"][-2]["path"]  # the training workflow (ResFIM jobs exchange styles before it)
         if job.secure_aggregation == "csahe":
             continue
-        if job.he:
+        if job.he or job.personalization != "none":  # personalized: the sites' own models do not survive a restart
             assert path == "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", name
         else:
             assert path == "fedseg.flare.resume.ResumableScatterAndGather", name
-            assert server["workflows"][0]["args"]["job_name"] == name
+            assert server["workflows"][-2]["args"]["job_name"] == name
         meta = json.loads((REPO / "jobs" / name / "meta.json").read_text())
         if job.scale == "paper":
             assert meta["resource_spec"]["@default"]["num_of_gpus"] == 1, name
@@ -309,3 +309,39 @@ def test_plaintext_jobs_resume_he_jobs_do_not_and_paper_jobs_ask_for_a_gpu():
             assert meta["resource_spec"] == {}, name
     assert json.loads((REPO / "jobs" / "fedgs_lits_paper" / "meta.json").read_text())["resource_spec"] == {
         "@default": {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 8.0}}
+
+
+@pytest.mark.parametrize("name, method", [("resfim_polypgen", "resfim"), ("fedper_polypgen", "fedper")])
+def test_personalized_jobs_use_partial_sharing_and_match_their_fedavg_baseline(name, method):
+    server, client = _server(REPO / "jobs" / name), json.loads(
+        (REPO / "jobs" / name / "app/config/config_fed_client.json").read_text())
+    executor = client["executors"][0]
+    assert executor["executor"]["path"] == "fedseg.flare.personalized_executor.PersonalizedTrainer"
+    assert executor["executor"]["args"]["personalization"] == method
+    agg = next(c for c in server["components"] if c["id"] == "aggregator")
+    assert agg["path"] == "fedseg.flare.personalized_aggregator.PersonalizedAggregator"
+    ids = [w["id"] for w in server["workflows"]]
+    if method == "resfim":
+        assert ids == ["style_exchange", "scatter_and_gather", "final_evaluation"]
+        assert {"resfim_style", "resfim_style_bank"} <= set(executor["tasks"])
+    else:
+        assert ids == ["scatter_and_gather", "final_evaluation"] and "resfim_style" not in executor["tasks"]
+    # the comparison is fair: everything but the personalization equals the FedAvg baseline job
+    base, job = JOBS["fedavg_polypgen"], JOBS[name]
+    for f in ("dataset", "data_args", "model", "model_args", "num_rounds", "local_epochs", "lr", "batch_size",
+              "aggregation", "min_clients", "seed"):
+        assert getattr(job, f) == getattr(base, f), f
+
+
+@pytest.mark.parametrize("change, match", [({"he": True}, "does not combine"), ({"dp": "adaptive"}, "does not combine"),
+                                           ({"robust_rule": "median"}, "does not combine"),
+                                           ({"personalization": "fedbn"}, "must be one of"),
+                                           ({"personalization_args": {"fraction": 2.0}}, "fraction must be in"),
+                                           ({"personalization_args": {"frac": 0.1}}, "unknown personalization_args")])
+def test_personalized_job_settings_are_checked_when_the_recipe_is_built(change, match):
+    from dataclasses import replace
+
+    from fedseg.errors import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match=match):
+        replace(JOBS["resfim_polypgen"], **change)

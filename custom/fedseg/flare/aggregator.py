@@ -92,11 +92,15 @@ class FedGSAggregator(Aggregator):
         shapes, integer_keys = self._reference(fl_ctx)
         try:
             check_update(dxo.data, shapes, site, integer_keys=integer_keys)
-            self._acc.add(dxo.data, steps, contributor=site)
+            self._add(dxo, steps, site)
         except UpdateRejected as e:
             return self._reject(fl_ctx, site, str(e))
         self.log_info(fl_ctx, f"accepted the update of site {site!r} ({int(steps)} steps) for round {current_round}")
         return True
+
+    def _add(self, dxo: DXO, steps: float, site: str) -> None:
+        """Add a checked update to the round's accumulator (the personalized aggregator also passes the site's mask)."""
+        self._acc.add(dxo.data, steps, contributor=site)
 
     def _after_result(self, fl_ctx: FLContext, current_round) -> None:
         """Hook after the round's aggregate was computed (the robust aggregator logs what its rule did)."""

@@ -65,6 +65,8 @@ def public_metrics(summary: dict) -> dict:
 
 
 class SegmentationTrainer(Executor):
+    start_model_label = "global model"  # what _round_start returns, for the log
+
     def __init__(
         self,
         dataset: str = "lits",
@@ -213,13 +215,26 @@ class SegmentationTrainer(Executor):
             if isinstance(v, (int, float)) and v is not None:
                 self.writer.add_scalar(f"{prefix}{k}", float(v), global_step=int(step))
 
+    def _round_start(self, global_state, current_round: int, fl_ctx: FLContext):
+        """The state this round evaluates and trains from: the global model (a personalized executor merges in the
+        site's own parameters)."""
+        return global_state
+
+    def _finish_round(self, result, out: DXO, current_round: int, fl_ctx: FLContext) -> None:
+        """Hook before the result leaves the site (a personalized executor masks it and keeps its own model)."""
+
     def _train(self, dxo: DXO, current_round: int, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        val = public_metrics(self.trainer.evaluate(self.val_data, dxo.data))
-        self.log_info(fl_ctx, f"round {current_round}: global model on {self.site} validation: "
+        try:
+            start = self._round_start(dxo.data, current_round, fl_ctx)
+        except FedsegError as e:
+            self.log_error(fl_ctx, f"round {current_round}: site {self.site} cannot start the round: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        val = public_metrics(self.trainer.evaluate(self.val_data, start))
+        self.log_info(fl_ctx, f"round {current_round}: {self.start_model_label} on {self.site} validation: "
                       + ", ".join(f"{k}={val[k]:.4f}" if val[k] is not None else f"{k}=n/a" for k in METRIC_KEYS))
         self._stream({f"val_{k}": val[k] for k in METRIC_KEYS if val[k] is not None}, current_round, "")
         try:
-            result = self.trainer.train_round(dxo.data, should_stop=lambda: abort_signal.triggered)
+            result = self.trainer.train_round(start, should_stop=lambda: abort_signal.triggered)
         except InterruptedError:
             return make_reply(ReturnCode.TASK_ABORTED)
         if self.attacking:
@@ -244,6 +259,7 @@ class SegmentationTrainer(Executor):
         )
         if self.attacking:
             out.set_meta_prop("simulated_attack", {"site": self.site, "attack": self.simulated_attack["attack"]})
+        self._finish_round(result, out, current_round, fl_ctx)
         return out.to_shareable()
 
     def _keep_update(self, result, val: dict, current_round: int, fl_ctx: FLContext) -> Shareable:
@@ -297,6 +313,13 @@ class SegmentationTrainer(Executor):
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data=reply["aggregate"], meta=meta).to_shareable()
         return DXO(data_kind=DataKind.APP_DEFINED, data=reply, meta=meta).to_shareable()
 
+    def _personalized_model(self, global_state, fl_ctx: FLContext):
+        """The site's personalized model for the final evaluation, or None: here the final local adaptation
+        (Per-FedAvg's gamma steps) when ``adaptation_steps`` > 0."""
+        if int(getattr(self.cfg, "adaptation_steps", 0) or 0) > 0:
+            return self.trainer.personalize(global_state)
+        return None
+
     def _held_out(self, fl_ctx: FLContext):
         if self.held_out is None:
             part = held_out_part(self.dataset)
@@ -318,9 +341,9 @@ class SegmentationTrainer(Executor):
         val = public_metrics(self.trainer.evaluate(data, dxo.data))
         val["part"] = part
         val["data_origin"] = self.data_origin
-        if int(getattr(self.cfg, "adaptation_steps", 0) or 0) > 0:
-            adapted = self.trainer.personalize(dxo.data)
-            val[PERSONALIZED] = public_metrics(self.trainer.evaluate(data, adapted))
+        personalized = self._personalized_model(dxo.data, fl_ctx)
+        if personalized is not None:
+            val[PERSONALIZED] = public_metrics(self.trainer.evaluate(data, personalized))
         self.log_info(fl_ctx, f"final evaluation on {self.site} ({part}): {val}")
         return DXO(data_kind=DataKind.METRICS, data=val).to_shareable()
 

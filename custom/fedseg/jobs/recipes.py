@@ -51,6 +51,7 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "gpus_per_site": 0, "gpu_mem_gib": 0.0,
     "robust_rule": "none", "robust_args": None, "robust_weighted": True,
     "attack": "none", "attack_sites": None, "attack_gamma": 4.0, "attack_noise_scale": 1.0,
+    "personalization": "none", "personalization_args": None,
 }
 _DP_FIELDS = ("dp", "dp_mechanism", "dp_epsilon", "dp_delta", "dp_clip_init", "dp_percentile", "dp_quantile_epsilon",
               "dp_clip_lr", "dp_per_layer", "dp_adjacency", "dp_budget_epsilon", "dp_budget_action")
@@ -61,7 +62,10 @@ _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptat
                     _DP_FIELDS,
                     ("gpus_per_site", "gpu_mem_gib"),
                     ("robust_rule", "robust_args", "robust_weighted"),
-                    ("attack", "attack_sites", "attack_gamma", "attack_noise_scale"))
+                    ("attack", "attack_sites", "attack_gamma", "attack_noise_scale"),
+                    ("personalization", "personalization_args"))
+PERSONALIZATIONS = ("none", "resfim", "fedper")
+STYLE_TASKS = ("resfim_style", "resfim_style_bank")  # fedseg.flare.style_exchange
 DP_MODES = ("none", "adaptive", "fixed")
 ATTACKS = ("none", "scale", "noise", "mask_flip")  # fedseg.attacks.poisoning; mask_flip is a data attack (executor)
 ROBUST_RULES = ("none", "median", "trimmed_mean", "krum", "multi_krum", "norm_screening")
@@ -150,6 +154,12 @@ class SegJob:
     attack_sites: list | None = None
     attack_gamma: float = 4.0
     attack_noise_scale: float = 1.0
+    # personalized FL by partial sharing (fedseg.flare.personalized_executor / personalized_aggregator; paper 004):
+    # "none" | "resfim" (domain-sensitive parameters by residual Fisher information stay local; a style bank is
+    # exchanged first) | "fedper" (a fixed head stays local). personalization_args: the fields of
+    # fedseg.algorithms.personalization.PersonalizationConfig (fraction, threshold, warmup_rounds, every, beta, head...)
+    personalization: str = "none"
+    personalization_args: dict | None = None
     # round checkpoints + resume after a server restart (fedseg.flare.resume; plaintext ScatterAndGather jobs only)
     resume: bool = True
 
@@ -169,6 +179,23 @@ class SegJob:
             raise ValueError(f"job {self.name}: attack must be one of {ATTACKS}, got {self.attack!r}")
         if self.attack != "none" and not self.attack_sites:
             raise ValueError(f"job {self.name}: attack {self.attack!r} needs attack_sites (e.g. ['site-4'])")
+        if self.personalization not in PERSONALIZATIONS:
+            raise ValueError(f"job {self.name}: personalization must be one of {PERSONALIZATIONS}, got "
+                             f"{self.personalization!r}")
+        if self.personalization != "none":
+            clash = [k for k, bad in (("he", self.he), ("secure_aggregation", self.secure_aggregation != "none"),
+                                      ("dp", self.dp != "none"), ("robust_rule", self.robust_rule != "none"))
+                     if bad]
+            if clash:
+                raise ValueError(f"job {self.name}: personalization={self.personalization!r} aggregates each "
+                                 f"coordinate over the sites that share it, which needs plaintext updates and masks at "
+                                 f"the server; it does not combine with {clash}")
+            from fedseg.algorithms.personalization import PersonalizationConfig
+
+            try:  # bad settings fail when the recipe is built, not at the sites
+                PersonalizationConfig(method=self.personalization, **dict(self.personalization_args or {}))
+            except TypeError as e:
+                raise ValueError(f"job {self.name}: unknown personalization_args: {e}") from None
         if self.dp not in DP_MODES:
             raise ValueError(f"job {self.name}: dp must be one of {DP_MODES}, got {self.dp!r}")
         if self.dp_budget_action not in BUDGET_ACTIONS:
@@ -224,11 +251,16 @@ class SegJob:
         if self.attack == "mask_flip":  # a data attack: the named sites' trainers train on flipped masks
             trainer_args["simulated_attack"] = {"attack": "mask_flip", "sites": list(self.attack_sites or [])}
         tasks = ["train", "validate"] + (list(CSAHE_TASKS) if self.secure_aggregation == "csahe" else [])
+        executor = "fedseg.flare.executor.SegmentationTrainer"
+        if self.personalization != "none":
+            executor = "fedseg.flare.personalized_executor.PersonalizedTrainer"
+            trainer_args.update({"personalization": self.personalization,
+                                 "personalization_args": dict(self.personalization_args or {})})
+            tasks += list(STYLE_TASKS) if self.personalization == "resfim" else []
         return {
             "format_version": 2,
             "executors": [
-                {"tasks": tasks,
-                 "executor": {"path": "fedseg.flare.executor.SegmentationTrainer", "args": trainer_args}}
+                {"tasks": tasks, "executor": {"path": executor, "args": trainer_args}}
             ],
             "task_data_filters": self._task_data_filters(),
             "task_result_filters": self._task_result_filters(),
@@ -241,6 +273,9 @@ class SegJob:
         }
 
     def _aggregator(self) -> dict[str, Any]:
+        if self.personalization != "none":
+            return {"id": "aggregator", "path": "fedseg.flare.personalized_aggregator.PersonalizedAggregator",
+                    "args": {"min_accepted": self.min_accepted}}
         if self.robust_rule == "none":
             return {"id": "aggregator", "path": "fedseg.flare.aggregator.FedGSAggregator",
                     "args": {"min_accepted": self.min_accepted}}
@@ -290,7 +325,8 @@ class SegJob:
                 "wait_time_after_min_received": 0, "aggregator_id": "aggregator",
                 "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
                 "train_task_name": "train", "train_timeout": self.train_timeout}
-        if self.resume and not self.he:
+        # resume is off for personalized jobs: each site's own model lives in its job process, which a restart loses
+        if self.resume and not self.he and self.personalization == "none":
             return {"id": "scatter_and_gather", "path": "fedseg.flare.resume.ResumableScatterAndGather",
                     "args": {**args, "job_name": self.name, "recorder_id": "metrics_recorder",
                              "best_model_id": "best_model"}}
@@ -331,6 +367,9 @@ class SegJob:
             config["components"].append({"id": "privacy_recorder",
                                          "path": "fedseg.flare.privacy_recorder.PrivacyRecorder", "args": {}})
             config["workflows"][1]["args"]["privacy_recorder_id"] = "privacy_recorder"
+        if self.personalization == "resfim":  # the style bank is exchanged before the first round
+            config["workflows"].insert(0, {"id": "style_exchange", "path": "fedseg.flare.style_exchange.StyleExchange",
+                                           "args": {"min_sites": max(2, self.min_clients)}})
         if self.secure_aggregation == "csahe":  # the ring controller aggregates; no plaintext aggregator
             config["components"] = [c for c in config["components"] if c["id"] != "aggregator"]
             config = {"format_version": 2, "server": {"task_request_interval": self.csahe_task_request_interval},
@@ -667,6 +706,32 @@ LITS_ROBUST = replace(
 )
 
 
+# Personalized FL by residual Fisher information (pFL-ResFIM, paper 004; docs/algorithms/resfim.md): on the five
+# PolypGen centres, whose endoscopes differ in colour cast, illumination and field of view (the domain shift ResFIM
+# targets). FedAvg local training (eta = 1; the paper's method is independent of FedGS), a style bank exchanged
+# first, one warm-up round of full sharing, then the 10% most domain-sensitive parameters of each site stay local.
+# Baselines at the same scale: fedavg_polypgen (one global model) and fedper_polypgen (a fixed head stays local).
+RESFIM_POLYPGEN = replace(
+    POLYPGEN_QUICK,
+    name="resfim_polypgen",
+    description="pFL-ResFIM on built-in synthetic PolypGen-format data (5 centres with different endoscope styles): "
+    "sites share low-frequency amplitude styles, rank parameters by the residual Fisher information between real "
+    "and style-transferred data, keep the 10% most domain-sensitive ones local and aggregate the rest; every site "
+    "is scored with its personalized model. A CPU demo.",
+    aggregation="fedavg",
+    personalization="resfim",
+    personalization_args={"fraction": 0.1, "warmup_rounds": 1, "every": 0, "beta": 0.05, "fisher_samples": 16},
+)
+FEDPER_POLYPGEN = replace(
+    RESFIM_POLYPGEN,
+    name="fedper_polypgen",
+    description="FedPer on built-in synthetic PolypGen-format data: UTNet's last decoder stage and output "
+    "convolution stay local at every site, the rest is averaged; the personalized baseline of resfim_polypgen.",
+    personalization="fedper",
+    personalization_args={"head": r"^(up4|outc)\."},
+)
+
+
 def _fedavg(job: SegJob, name: str) -> SegJob:
     return replace(job, name=name, aggregation="fedavg",
                    description=job.description.replace("FedGS", "FedAvg (baseline: FedGS code path with eta = 1)", 1))
@@ -694,6 +759,8 @@ JOBS: dict[str, SegJob] = {
         LITS_DP_FIXED,
         LITS_ADP_HE,
         LITS_ROBUST,
+        RESFIM_POLYPGEN,
+        FEDPER_POLYPGEN,
     )
 }
 
