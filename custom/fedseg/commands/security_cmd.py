@@ -329,6 +329,8 @@ def _rejections_cell(r: dict) -> tuple[str, str]:
     rej = r.get("rejections")
     if rej is None:
         return "-", "-"
+    if not rej["rounds"] and not rej.get("rule_errors") and r["status"] != "ok":
+        return "n/a", "n/a"  # a run without results and without a verdict in its log: nothing to count
     rounds = rej["rounds"]
     err = f" ({rej['rule_errors']} rounds rule error)" if rej.get("rule_errors") else ""
     attackers = ", ".join(f"{s} {n}/{rounds}" for s, n in rej["attacker_rejected"].items()) or "-"
