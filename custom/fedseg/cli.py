@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "attack_cmd",
     "privacy_cmd",
     "security_cmd",
+    "resfim_cmd",
     "he_cmd",
     "deploy_cmd",
 )

@@ -83,6 +83,7 @@ __all__ = [
     "mask_stats",
     "pack_mask",
     "resfim_mask",
+    "sample_rows",
     "styled_batches",
     "unpack_mask",
 ]
@@ -263,6 +264,19 @@ class MaskedCollector:
 
 
 # ---------------------------------------------------------------- ResFIM's mask at a site
+
+STYLE_SALT, FISHER_SALT = 1, 2  # FISHER_SALT + round: a fresh Fisher sample at every recomputation
+
+
+def sample_rows(n: int, k: int, seed: int, salt: int) -> np.ndarray:
+    """The sorted rows (``min(k, n)`` of ``n``, without replacement) a site uses for its style (``salt`` =
+    ``STYLE_SALT``) or a Fisher estimate (``FISHER_SALT + round``); seeded, so a run and ``fedseg resfim restyle``
+    pick the same images."""
+    if n <= 0:
+        raise ConfigError("personalization: the site has no training samples")
+    rng = np.random.default_rng([int(seed), int(salt)])
+    return np.sort(rng.choice(n, size=min(int(k), n), replace=False))
+
 
 def styled_batches(batches: Iterable, bank: StyleBank, site: str, lam: float = 1.0) -> list:
     """Every batch ``(x, y)`` (x: float tensor [B, C, H, W]; the bank's styles are ``(C, h, w)``) restyled to each

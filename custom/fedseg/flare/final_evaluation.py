@@ -216,6 +216,13 @@ class FinalEvaluation(Controller):
         if missing:
             notes.append(f"Sites without a final validation result: {missing}")
 
+        method = self.job_config.get("personalization", "none")
+        if method not in (None, "none"):
+            notes.append(
+                f"Personalized FL ({method}): each site's own model stays at the site, in its run folder under "
+                "`personalized/` (`model.pt`, `mask.npz` with True = kept local, `personalization.json`); the "
+                "\"personalized\" columns score those models. global_model.pt holds the shared parameters; where a "
+                "site keeps a parameter local, the global value is not what that site uses.")
         if self.encrypted_model:
             path = self._save_encrypted(engine, task_data, out_dir)
             notes.append(

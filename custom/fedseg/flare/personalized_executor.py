@@ -35,10 +35,13 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from fedseg.algorithms.personalization import (
+    FISHER_SALT,
+    STYLE_SALT,
     PersonalizationConfig,
     PersonalizedSite,
     head_mask,
     resfim_mask,
+    sample_rows,
     styled_batches,
 )
 from fedseg.algorithms.spectral import StyleBank, site_style
@@ -94,11 +97,7 @@ class PersonalizedTrainer(SegmentationTrainer):
         return super().execute(task_name, shareable, fl_ctx, abort_signal)
 
     def _sample(self, k: int, salt: int) -> np.ndarray:
-        n = len(self.train_data.delta)
-        if n == 0:
-            raise ConfigError(f"site {self.site} has no training samples")
-        rng = np.random.default_rng([int(self.pcfg.seed), int(salt)])
-        return np.sort(rng.choice(n, size=min(k, n), replace=False))
+        return sample_rows(len(self.train_data.delta), k, self.pcfg.seed, salt)
 
     def _images(self, idx: np.ndarray):
         """(x, y) float tensors [B, C, H, W] / [B, 1, H, W] of training rows ``idx``, not augmented, on the CPU."""
@@ -106,7 +105,7 @@ class PersonalizedTrainer(SegmentationTrainer):
         return x, y
 
     def _style(self, fl_ctx: FLContext) -> Shareable:
-        idx = self._sample(self.pcfg.style_samples, 1)
+        idx = self._sample(self.pcfg.style_samples, STYLE_SALT)
         x, _ = self._images(idx)
         images = x.detach().cpu().numpy()
         style = site_style(list(images), self.pcfg.beta)
@@ -139,7 +138,7 @@ class PersonalizedTrainer(SegmentationTrainer):
             raise ConfigError("ResFIM has no style bank at this site: the job must run the StyleExchange workflow "
                               "before training (export the job from its recipe)")
         t0 = time.perf_counter()
-        idx = self._sample(self.pcfg.fisher_samples, 2 + current_round)
+        idx = self._sample(self.pcfg.fisher_samples, FISHER_SALT + current_round)
         bs = self.pcfg.fisher_batch_size
         device = self.trainer.device
         real = []

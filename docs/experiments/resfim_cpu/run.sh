@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# pFL-ResFIM vs FedPer vs FedAvg on the built-in PolypGen-format data (5 centres with different endoscope styles,
+# fold 0), at the quick CPU scale of the jobs (128x128, UTNet base 8, 12 rounds x 1 local epoch, AdamW 1e-3).
+# Every site is scored on its own validation part: FedAvg with the global model, FedPer / ResFIM with the site's
+# personalized model (and, for reference, the global model of the same run).
+# Usage: docs/experiments/resfim_cpu/run.sh [WORK_DIR]   (from the repository root; about 25 min on 2 cores)
+set -euo pipefail
+WORK=${1:-/tmp/resfim_cpu}
+HERE=docs/experiments/resfim_cpu
+mkdir -p "$WORK/jobs_abs"
+run() {  # run JOB_DIR NAME
+  [ -f "$WORK/$2/server/simulate_job/results/metrics.json" ] && { echo "reusing $2"; return; }
+  echo "running $2"; start=$(date +%s)
+  nvflare simulator "$1" -w "$WORK/$2" -n 5 -t 5 > "$WORK/$2.log" 2>&1
+  echo "$2: $(( $(date +%s) - start )) s"
+}
+run jobs/fedavg_polypgen fedavg
+run jobs/fedper_polypgen fedper
+run jobs/resfim_polypgen resfim
+# the same ResFIM job with the absolute residual |F_real - F_styled| instead of the relative one
+fedseg jobs export resfim_polypgen --out "$WORK/jobs_abs" --set 'personalization_args.residual="abs"' > /dev/null
+run "$WORK/jobs_abs/resfim_polypgen" resfim_abs
+for metric in dice dice_s dice_l; do
+  fedseg report sites --run FedAvg="$WORK/fedavg" --run FedPer="$WORK/fedper" --run ResFIM="$WORK/resfim" \
+    --run "ResFIM-abs=$WORK/resfim_abs" --metric "$metric" --out "$HERE/$metric"
+done
+fedseg resfim restyle --job resfim_polypgen --site site-1 --out "$HERE/restyle"
