@@ -47,7 +47,7 @@ shared. No Fisher, no style bank.
 The mask computation for ResFIM is :func:`resfim_mask`: diagonal empirical Fisher on ``fisher_samples`` real
 training samples (seeded choice, no augmentation, model in eval mode) and on their style-transferred copies, one per
 other site's style (``lam`` = 1: the window's amplitude replaced, FDA), residual (``residual`` mode, default
-"relative"), then the top ``fraction`` (default 0.1, globally ranked, per element) or the residuals above
+"abs"), then the top ``fraction`` (default 0.1, globally ranked, per element) or the residuals above
 ``threshold``.
 """
 
@@ -101,7 +101,7 @@ class PersonalizationConfig:
     fraction: float | None = None  # share of parameters kept local (resfim); 0.1 when neither it nor threshold
     threshold: float | None = None  # residual above which a parameter is kept local (resfim)
     granularity: str = "element"  # "element" | "tensor"
-    residual: str = "relative"  # "abs" | "relative"
+    residual: str = "abs"  # "abs" | "relative" (docs/algorithms/resfim.md: abs ranks far more reproducibly)
     warmup_rounds: int = 1  # rounds of full sharing before the first mask (resfim)
     every: int = 0  # recompute the mask every k rounds after the first (0 = never)
     fisher_samples: int = 16  # real training samples of the Fisher estimate (and as many styled copies per style)

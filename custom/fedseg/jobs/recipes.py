@@ -720,7 +720,8 @@ RESFIM_POLYPGEN = replace(
     "is scored with its personalized model. A CPU demo.",
     aggregation="fedavg",
     personalization="resfim",
-    personalization_args={"fraction": 0.1, "warmup_rounds": 1, "every": 0, "beta": 0.05, "fisher_samples": 16},
+    personalization_args={"fraction": 0.1, "residual": "abs", "warmup_rounds": 1, "every": 0, "beta": 0.05,
+                          "fisher_samples": 16},
 )
 FEDPER_POLYPGEN = replace(
     RESFIM_POLYPGEN,

@@ -7,7 +7,7 @@
 set -euo pipefail
 WORK=${1:-/tmp/resfim_cpu}
 HERE=docs/experiments/resfim_cpu
-mkdir -p "$WORK/jobs_abs"
+mkdir -p "$WORK/jobs_rel"
 run() {  # run JOB_DIR NAME
   [ -f "$WORK/$2/server/simulate_job/results/metrics.json" ] && { echo "reusing $2"; return; }
   echo "running $2"; start=$(date +%s)
@@ -17,11 +17,15 @@ run() {  # run JOB_DIR NAME
 run jobs/fedavg_polypgen fedavg
 run jobs/fedper_polypgen fedper
 run jobs/resfim_polypgen resfim
-# the same ResFIM job with the absolute residual |F_real - F_styled| instead of the relative one
-fedseg jobs export resfim_polypgen --out "$WORK/jobs_abs" --set 'personalization_args.residual="abs"' > /dev/null
-run "$WORK/jobs_abs/resfim_polypgen" resfim_abs
+# the same ResFIM job with the relative residual |F_real - F_styled| / (F_real + F_styled + 1e-12) instead of abs
+fedseg jobs export resfim_polypgen --out "$WORK/jobs_rel" --set 'personalization_args.residual="relative"' > /dev/null
+run "$WORK/jobs_rel/resfim_polypgen" resfim_rel
 for metric in dice dice_s dice_l; do
   fedseg report sites --run FedAvg="$WORK/fedavg" --run FedPer="$WORK/fedper" --run ResFIM="$WORK/resfim" \
-    --run "ResFIM-abs=$WORK/resfim_abs" --metric "$metric" --out "$HERE/$metric"
+    --run "ResFIM-relative=$WORK/resfim_rel" --metric "$metric" --out "$HERE/$metric"
 done
 fedseg resfim restyle --job resfim_polypgen --site site-1 --out "$HERE/restyle"
+# how reproducible the mask is (split-half overlap of the top-10% sets, abs vs relative residual)
+python docs/experiments/resfim_cpu/mask_reliability.py "$WORK/fedavg/server/simulate_job/results/global_model.pt" \
+  "FedAvg model after 12 rounds" > "$HERE/mask_reliability_trained.json"
+python docs/experiments/resfim_cpu/mask_reliability.py init "untrained model (seed 0)" > "$HERE/mask_reliability_init.json"
