@@ -18,3 +18,17 @@ def _isolated_home(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_polypgen(tmp_path_factory):
+    """Tiny synthetic PolypGen-format data (seed 1, JPEG frames and PNG masks) and a data-config JSON naming it."""
+    import json
+
+    from fedseg.data.synthetic_polypgen import synth_polypgen
+
+    root = tmp_path_factory.mktemp("tiny_polypgen")
+    synth_polypgen(root, preset="tiny", seed=1, progress=False)
+    cfg = root.parent / "tiny_polypgen.json"
+    cfg.write_text(json.dumps({"polypgen": {"root": str(root)}}))
+    return cfg

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from fedseg.data.synthetic_polypgen import synth_polypgen
 
 pytestmark = pytest.mark.integration
 
@@ -17,12 +16,8 @@ TINY_SETS = ["num_rounds=2", "local_epochs=1", "max_steps_per_round=2", "num_thr
 
 
 @pytest.fixture(scope="module")
-def polyp_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_polypgen")
-    synth_polypgen(root, preset="tiny", seed=1, progress=False)
-    cfg = root.parent / "polypgen_data.json"
-    cfg.write_text(json.dumps({"polypgen": {"root": str(root)}}))
-    return dict(os.environ, FEDSEG_DATA_CONFIG=str(cfg), PYTHONUNBUFFERED="1")
+def polyp_env(tiny_polypgen):
+    return dict(os.environ, FEDSEG_DATA_CONFIG=str(tiny_polypgen), PYTHONUNBUFFERED="1")
 
 
 def _fedseg(args, env, timeout=900):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fedseg.algorithms.spectral import StyleBank
-from fedseg.data.synthetic_polypgen import synth_polypgen
 from fedseg.jobs.recipes import JOBS
 
 pytestmark = pytest.mark.integration
@@ -23,12 +22,8 @@ SITES = ["site-1", "site-2", "site-3", "site-4", "site-5"]
 
 
 @pytest.fixture(scope="module")
-def polyp_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_polypgen_resfim")
-    synth_polypgen(root, preset="tiny", seed=1, progress=False)
-    cfg = root.parent / "polypgen_resfim.json"
-    cfg.write_text(json.dumps({"polypgen": {"root": str(root)}}))
-    return cfg
+def polyp_cfg(tiny_polypgen):
+    return tiny_polypgen
 
 
 def _run(job, tmp_path, cfg):

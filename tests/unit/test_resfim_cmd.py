@@ -8,16 +8,11 @@ import pytest
 
 from fedseg.algorithms.spectral import StyleBank, low_freq_style
 from fedseg.cli import main
-from fedseg.data.synthetic_polypgen import synth_polypgen
 
 
 @pytest.fixture(scope="module")
-def polyp_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restyle_polypgen")
-    synth_polypgen(root, preset="tiny", seed=2, progress=False)
-    cfg = root.parent / "restyle.json"
-    cfg.write_text(json.dumps({"polypgen": {"root": str(root)}}))
-    return cfg
+def polyp_cfg(tiny_polypgen):
+    return tiny_polypgen
 
 
 def test_restyle_writes_the_figure_and_a_bank_that_can_be_reused(polyp_cfg, tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ from fedseg.algorithms.resfim import (
     residual_fisher,
     sensitive_mask,
 )
+from fedseg.algorithms.robust import UpdateCollector
 from fedseg.algorithms.spectral import StyleBank, _check_beta, _check_lam
 from fedseg.errors import ConfigError, DataError, UpdateRejected
 
@@ -212,39 +213,23 @@ def head_mask(shapes: Mapping[str, tuple], pattern: str = DEFAULT_HEAD) -> dict[
 
 # ---------------------------------------------------------------- the server's collector
 
-class MaskedCollector:
+class MaskedCollector(UpdateCollector):
     """Masked aggregation behind the interface of :class:`fedseg.algorithms.fedgs.WeightedUpdateAccumulator`
     (``add``, ``len``, ``contributors``, ``total_weight``, ``result``), plus each site's mask. ``result`` is
     :func:`fedseg.algorithms.resfim.masked_aggregate` with the sites' steps as weights; ``last_stats`` says how many
     coordinates were aggregated and how many were kept local at some / every site."""
 
     def __init__(self):
-        self._updates: dict[str, Mapping[str, np.ndarray]] = {}
+        super().__init__()
         self._masks: dict[str, Mapping[str, np.ndarray]] = {}
-        self._weights: dict[str, float] = {}
-        self.contributors: list = []
         self.last_stats: dict[str, Any] | None = None
 
     def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str = "",
             mask: Mapping[str, np.ndarray] | None = None) -> None:
-        weight = float(weight)
-        if not math.isfinite(weight) or weight <= 0:
-            raise UpdateRejected(f"site {contributor!r}: aggregation weight must be > 0, got {weight}")
-        if contributor in self._updates:
-            raise UpdateRejected(f"site {contributor!r}: a second update for this aggregation")
         if mask is None:
             raise UpdateRejected(f"site {contributor!r}: no personalization mask with the update")
-        self._updates[contributor] = update
+        super().add(update, weight, contributor)
         self._masks[contributor] = mask
-        self._weights[contributor] = weight
-        self.contributors.append(contributor)
-
-    def __len__(self) -> int:
-        return len(self.contributors)
-
-    @property
-    def total_weight(self) -> float:
-        return float(sum(self._weights.values()))
 
     def result(self, dtype=np.float32) -> dict[str, np.ndarray]:
         if not self.contributors:

@@ -598,22 +598,15 @@ def robust_aggregate(
     return rule.aggregate(updates, weights, dtype=dtype)
 
 
-class RobustCollector:
-    """A robust rule behind the interface of :class:`fedseg.algorithms.fedgs.WeightedUpdateAccumulator` (``add``,
-    ``len``, ``contributors``, ``total_weight``, ``result``), so that an aggregator built for the steps-weighted mean
-    can use any rule here. Updates are kept until :meth:`result`, which runs the rule; ``last`` holds its
-    :class:`RobustResult`. ``weighted=False`` passes no steps weights to the rule (equal weights; see the module
-    docstring for when that is the safer choice)."""
+class UpdateCollector:
+    """The updates of one round kept until they are combined, behind the interface of
+    :class:`fedseg.algorithms.fedgs.WeightedUpdateAccumulator` (``add``, ``len``, ``contributors``, ``total_weight``,
+    ``result``): one update per site, with a finite weight > 0. Subclasses define ``result``."""
 
-    def __init__(self, rule: RobustRule, weighted: bool = True):
-        if not isinstance(rule, RobustRule):
-            raise ConfigError(f"RobustCollector needs a RobustRule, got {type(rule).__name__}")
-        self.rule = rule
-        self.weighted = bool(weighted)
+    def __init__(self):
         self._updates: dict[str, Mapping[str, np.ndarray]] = {}
         self._weights: dict[str, float] = {}
         self.contributors: list = []
-        self.last: RobustResult | None = None
 
     def add(self, update: Mapping[str, np.ndarray], weight: float, contributor: str = "") -> None:
         weight = float(weight)
@@ -627,6 +620,26 @@ class RobustCollector:
 
     def __len__(self) -> int:
         return len(self.contributors)
+
+    @property
+    def total_weight(self) -> float:
+        return float(sum(self._weights.values()))
+
+
+class RobustCollector(UpdateCollector):
+    """A robust rule behind the interface of :class:`fedseg.algorithms.fedgs.WeightedUpdateAccumulator` (``add``,
+    ``len``, ``contributors``, ``total_weight``, ``result``), so that an aggregator built for the steps-weighted mean
+    can use any rule here. Updates are kept until :meth:`result`, which runs the rule; ``last`` holds its
+    :class:`RobustResult`. ``weighted=False`` passes no steps weights to the rule (equal weights; see the module
+    docstring for when that is the safer choice)."""
+
+    def __init__(self, rule: RobustRule, weighted: bool = True):
+        if not isinstance(rule, RobustRule):
+            raise ConfigError(f"RobustCollector needs a RobustRule, got {type(rule).__name__}")
+        super().__init__()
+        self.rule = rule
+        self.weighted = bool(weighted)
+        self.last: RobustResult | None = None
 
     @property
     def total_weight(self) -> float:

@@ -31,21 +31,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
+from fedseg.flare.broadcast import BroadcastWorkflow
 from fedseg.results import PERSONALIZED, site_means, site_parts, write_results
 
 
-class FinalEvaluation(Controller):
+class FinalEvaluation(BroadcastWorkflow):
     def __init__(self, persistor_id: str = "persistor", validate_task_name: str = AppConstants.TASK_VALIDATION,
                  test_evaluator_id: str = "test_evaluator", recorder_id: str = "metrics_recorder",
                  best_model_id: str = "best_model", results_folder: str = "results", timeout: int = 0,
@@ -74,24 +72,10 @@ class FinalEvaluation(Controller):
         self._site_metrics = {}
         self._notes = []
 
-    def stop_controller(self, fl_ctx: FLContext):
-        pass
-
-    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str,
-                                       result: Shareable, fl_ctx: FLContext):
-        self.log_warning(fl_ctx, f"late result of task {task_name} from {client.name} ignored")
-
     def _on_result(self, client_task: ClientTask, fl_ctx: FLContext):
         site = client_task.client.name
-        result = client_task.result
-        rc = result.get_return_code() if result is not None else None
-        if rc and rc != ReturnCode.OK:
-            self.log_error(fl_ctx, f"final validation failed at site {site}: {rc}")
-            return
-        try:
-            dxo = from_shareable(result)
-        except Exception as e:  # noqa: BLE001  (any malformed reply: log it, keep the other sites' results)
-            self.log_error(fl_ctx, f"final validation result of site {site} is unreadable: {e}")
+        dxo = self.reply_dxo(client_task, "final validation", fl_ctx)
+        if dxo is None:
             return
         metrics = dict(dxo.data)
         pers = metrics.get(PERSONALIZED)

@@ -169,6 +169,7 @@ class PersonalizedTrainer(SegmentationTrainer):
                           f"{mi['local_coords']} of {mi['total_coords']} parameters "
                           f"({100 * mi['local_fraction']:.2f}%) kept local in {mi['tensors_with_local']} tensors"
                           f"{extra}")
+            self._stream({"personalization_local_fraction": mi["local_fraction"]}, current_round, "")
         return start
 
     def _finish_round(self, result, out: DXO, current_round: int, fl_ctx: FLContext) -> None:

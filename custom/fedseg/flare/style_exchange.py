@@ -18,23 +18,22 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import ClientTask, Task
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from fedseg.algorithms.spectral import StyleBank
 from fedseg.errors import FedsegError
+from fedseg.flare.broadcast import BroadcastWorkflow
 
 STYLE_TASK = "resfim_style"
 STYLE_BANK_TASK = "resfim_style_bank"
 
 
-class StyleExchange(Controller):
+class StyleExchange(BroadcastWorkflow):
     def __init__(self, min_sites: int = 2, style_task_name: str = STYLE_TASK,
                  style_bank_task_name: str = STYLE_BANK_TASK, timeout: int = 0):
         super().__init__()
@@ -51,22 +50,13 @@ class StyleExchange(Controller):
     def start_controller(self, fl_ctx: FLContext):
         self._replies = {}
 
-    def stop_controller(self, fl_ctx: FLContext):
-        pass
-
-    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str,
-                                       result: Shareable, fl_ctx: FLContext):
-        self.log_warning(fl_ctx, f"late result of task {task_name} from {client.name} ignored")
-
     def _on_style(self, client_task: ClientTask, fl_ctx: FLContext):
         site = client_task.client.name
-        result = client_task.result
-        rc = result.get_return_code() if result is not None else None
-        if rc and rc != ReturnCode.OK:
-            self.log_error(fl_ctx, f"style exchange: site {site} returned {rc}; it is left out of the style bank")
+        dxo = self.reply_dxo(client_task, "style exchange (the site is left out of the style bank)", fl_ctx)
+        if dxo is None:
             return
         try:
-            data = dict(from_shareable(result).data)
+            data = dict(dxo.data)
             self._replies[site] = {"style": np.asarray(data["style"]), "beta": float(data["beta"]),
                                    "image_size": tuple(int(v) for v in np.asarray(data["image_size"]).ravel()),
                                    "n_images": int(data.get("n_images", 0))}
