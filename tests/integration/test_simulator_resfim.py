@@ -34,7 +34,8 @@ def _run(job, tmp_path, cfg):
                            "-t", "5"], env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:5000]
+    for problem in ("rejected the update", "refused at site", "cannot start the round", "cannot train"):
+        assert problem not in log, log[log.index(problem) - 2000:][:5000]
     return ws, log
 
 
