@@ -171,17 +171,39 @@ def test_two_rounds_of_the_protocol_give_the_hand_computed_models():
     np.testing.assert_allclose(b.start_state(glob)["w"], [3.0, 3.0, 2.0])
 
 
-def test_outgoing_never_carries_a_sensitive_value_and_buffers_are_always_shared():
+def test_outgoing_never_carries_a_sensitive_value_and_buffers_follow_the_setting():
     site = PersonalizedSite(PersonalizationConfig(warmup_rounds=0))
     site.set_mask({"conv.weight": _mask(conv__weight=(0, 1))["conv.weight"], "conv.bias": np.array([True, True])}, 0)
     upd = {n: np.full(s, 7.25, np.float32) for n, s in SHAPES.items()}
     sent, packed = site.outgoing(upd)
     assert sent["conv.weight"][0, 1] == 0 and (sent["conv.bias"] == 0).all()
-    assert (sent["bn.running_mean"] == 7.25).all()  # no Fisher for buffers: averaged as in FedAvg
     full = unpack_mask(packed, SHAPES, "s")
-    assert not full["bn.running_mean"].any() and full["conv.bias"].all()
+    assert full["conv.bias"].all() and full["bn.running_mean"].all()  # BatchNorm statistics stay local (FedBN)
+    assert (sent["bn.running_mean"] == 0).all()
     assert upd["conv.bias"][0] == 7.25  # the caller's update is not modified
     assert not any(np.isin(sent[k][full[k]], [7.25]).any() for k in sent)
+    shared = PersonalizedSite(PersonalizationConfig(warmup_rounds=0, buffers="shared"))
+    shared.set_mask({"conv.weight": np.zeros((2, 3), bool), "conv.bias": np.zeros(2, bool)}, 0)
+    sent, packed = shared.outgoing(upd)
+    assert (sent["bn.running_mean"] == 7.25).all() and not unpack_mask(packed, SHAPES, "s")["bn.running_mean"].any()
+    # before any mask (warm-up) everything is shared, statistics included
+    warm = PersonalizedSite(PersonalizationConfig(warmup_rounds=3))
+    assert not unpack_mask(warm.outgoing(upd)[1], SHAPES, "s")["bn.running_mean"].any()
+
+
+def test_the_site_model_keeps_its_own_normalisation_statistics():
+    glob = {"conv.weight": np.zeros((2, 3), np.float32), "conv.bias": np.zeros(2, np.float32),
+            "bn.running_mean": np.zeros(2, np.float32), "bn.num_batches_tracked": np.array(9)}
+    own = {"conv.weight": np.ones((2, 3), np.float32), "conv.bias": np.ones(2, np.float32),
+           "bn.running_mean": np.full(2, 5.0, np.float32), "bn.num_batches_tracked": np.array(4)}
+    for buffers, expected in (("local", 5.0), ("shared", 0.0)):
+        site = PersonalizedSite(PersonalizationConfig(warmup_rounds=0, buffers=buffers))
+        site.set_mask({"conv.weight": np.zeros((2, 3), bool), "conv.bias": np.array([True, False])}, 0)
+        site.finish_round(own)
+        start = site.start_state(glob)
+        assert (start["bn.running_mean"] == expected).all() and start["bn.running_mean"].dtype == np.float32
+        np.testing.assert_array_equal(start["conv.bias"], [1.0, 0.0])
+        assert (start["conv.weight"] == 0).all() and start["bn.num_batches_tracked"] == 9
 
 
 def test_start_state_is_global_before_a_mask_and_names_a_model_mismatch():
@@ -201,7 +223,8 @@ def test_start_state_is_global_before_a_mask_and_names_a_model_mismatch():
                                            ({"beta": 0.9}, "beta must be"),
                                            ({"warmup_rounds": -1}, "warmup_rounds"),
                                            ({"fisher_samples": 0}, "fisher_samples"),
-                                           ({"head": "("}, "regular expression")])
+                                           ({"head": "("}, "regular expression"),
+                                           ({"buffers": "fedbn"}, "buffers must be one of")])
 def test_bad_personalization_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         PersonalizationConfig(**kwargs)
