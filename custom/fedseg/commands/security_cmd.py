@@ -55,8 +55,8 @@ def register(subparsers):
                         "and attack_defence.png")
     sw.add_argument("--job", required=True, help="job name (fedseg jobs list), e.g. fedgs_lits_robust")
     sw.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
-                    help="none (clean), scale (model replacement x attack_gamma), noise (noise of attack_noise_scale "
-                    "x the update's norm), mask_flip (the attackers train on flipped masks)")
+                    help="none (clean), scale (model replacement x attack_gamma), noise (Gaussian noise in place of "
+                    "the update, attack_noise_scale x its norm), mask_flip (the attackers train on flipped masks)")
     sw.add_argument("--defences", nargs="+", default=["none", "median", "trimmed_mean", "krum", "norm_screening"],
                     choices=DEFENCES, help="robust aggregation rules; none = FedGS's steps-weighted mean")
     sw.add_argument("--attack-sites", nargs="+", default=None, metavar="SITE",
