@@ -60,3 +60,12 @@ def test_bad_rule_configuration_fails_when_the_job_is_loaded():
         RobustAggregator(rule="mean_of_whatever")
     with pytest.raises(ConfigError):
         RobustAggregator(rule="trimmed_mean", rule_args={"beta": 0.7})
+
+
+def test_the_log_names_only_the_aggregated_sites_and_every_sites_score(caplog):
+    with caplog.at_level("INFO"):
+        _round(RobustAggregator(rule="norm_screening", rule_args={"factor": 3.0}))
+    text = caplog.text
+    assert "aggregated 4 site(s) ['site-1', 'site-2', 'site-3', 'site-4']" in text  # not the rejected site-5
+    scores = next(line for line in text.splitlines() if "norm_screening scores:" in line)
+    assert all(f"site-{i} " in scores for i in range(1, 6)) and "median_norm" in scores and "bound" in scores

@@ -345,3 +345,11 @@ def test_personalized_job_settings_are_checked_when_the_recipe_is_built(change, 
 
     with pytest.raises((ValueError, ConfigError), match=match):
         replace(JOBS["resfim_polypgen"], **change)
+
+
+def test_robust_args_that_do_not_fit_the_rule_fail_when_the_recipe_is_built():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=r"do not fit robust_rule 'median'.*robust_args=\{\}"):
+        replace(JOBS["fedgs_lits_robust"], robust_rule="median")  # the job's {"factor": 3.0} is norm screening's
+    assert replace(JOBS["fedgs_lits_robust"], robust_rule="median", robust_args={}).robust_rule == "median"

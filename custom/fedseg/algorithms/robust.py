@@ -642,6 +642,11 @@ class RobustCollector(UpdateCollector):
         self.last: RobustResult | None = None
 
     @property
+    def aggregated_sites(self) -> list:
+        """The sites whose updates entered the last aggregate (the rule's ``kept``; all added sites before it ran)."""
+        return list(self.last.kept) if self.last is not None else list(self.contributors)
+
+    @property
     def total_weight(self) -> float:
         """Steps of the sites whose updates entered the last aggregate (all added sites before :meth:`result`)."""
         kept = self.last.kept if self.last is not None else self.contributors

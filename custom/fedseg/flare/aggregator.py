@@ -123,8 +123,9 @@ class FedGSAggregator(Aggregator):
                 data=data,
                 meta={MetaKey.NUM_STEPS_CURRENT_ROUND: self._acc.total_weight, "contributors": list(self._acc.contributors)},
             )
+            used = list(getattr(self._acc, "aggregated_sites", self._acc.contributors))
             self.log_info(
-                fl_ctx, f"round {current_round}: aggregated {n} site(s) {self._acc.contributors}, "
+                fl_ctx, f"round {current_round}: aggregated {len(used)} site(s) {used}, "
                 f"{int(self._acc.total_weight)} steps in total"
             )
         self.reset(fl_ctx)

@@ -38,7 +38,11 @@ class RobustAggregator(FedGSAggregator):
         res = self._acc.last
         self._last = res
         rejected = "; ".join(f"{s}: {r}" for s, r in res.rejected.items()) or "none"
+        scores = ", ".join(f"{s} {v:.4g}" for s, v in sorted(res.scores.items())) if res.scores else "n/a"
+        details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.details.items())
         self.log_info(fl_ctx, f"round {current_round}: {res.rule} kept {list(res.kept)}, rejected {rejected}")
+        # a second line with every site's score and the thresholds used, so a verdict can be checked afterwards
+        self.log_info(fl_ctx, f"round {current_round}: {res.rule} scores: {scores}; {details or 'no details'}")
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         try:

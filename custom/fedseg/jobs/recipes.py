@@ -172,6 +172,16 @@ class SegJob:
                              f"{self.csahe_weighting!r}")
         if self.robust_rule not in ROBUST_RULES:
             raise ValueError(f"job {self.name}: robust_rule must be one of {ROBUST_RULES}, got {self.robust_rule!r}")
+        if self.robust_rule != "none":
+            from fedseg.algorithms.robust import make_rule
+            from fedseg.errors import ConfigError
+
+            try:  # a rule with parameters it does not take fails here, not when the server loads the job
+                make_rule(self.robust_rule, **dict(self.robust_args or {}))
+            except ConfigError as e:
+                raise ValueError(f"job {self.name}: robust_args {self.robust_args} do not fit robust_rule "
+                                 f"{self.robust_rule!r} ({e}); set robust_args to the rule's own, e.g. "
+                                 "--set robust_args={}") from None
         if self.robust_rule != "none" and (self.he or self.secure_aggregation != "none"):
             raise ValueError(f"job {self.name}: a robust rule needs plaintext updates at the server; it does not "
                              "combine with HE or CSAHE (the server sees only ciphertexts or one sum)")
@@ -691,7 +701,9 @@ LITS_ADP_HE = replace(
 
 # Robust aggregation against poisoning (paper 002): the quick FedGS job with a simulated model-replacement attack at
 # site-4 (update x 4 = n_S / n_i for 4 equally weighted sites) and norm screening as the defence. Change the attack
-# and the defence with --set attack=noise|none --set robust_rule=median|trimmed_mean|krum|multi_krum|none.
+# and the defence with --set attack=noise|mask_flip|none and --set robust_rule=median|trimmed_mean|krum|multi_krum|none
+# together with that rule's --set robust_args={...} (e.g. {} for median, {"beta": 0.25} for trimmed_mean at 4 sites);
+# `fedseg security sweep` picks them from the site and attacker counts.
 LITS_ROBUST = replace(
     LITS_QUICK,
     name="fedgs_lits_robust",
