@@ -18,7 +18,8 @@ def test_norm_screening_rejects_the_model_replacement_attacker_every_round(tiny_
     _, cfg = tiny_data
     job = replace(JOBS["fedgs_lits_robust"], num_rounds=2, local_epochs=1, max_steps_per_round=2, min_clients=3,
                   num_threads=1, data_args={"image_size": 32, "min_tumour_pixels": 4}, model_args={"base_chan": 4},
-                  test_every_n_rounds=0, attack_sites=["site-3"], attack_gamma=100.0)
+                  test_every_n_rounds=0, attack_sites=["site-3"], attack_gamma=100.0,
+                  robust_rule="norm_screening", robust_args={"factor": 3.0})
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
     env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(cfg))

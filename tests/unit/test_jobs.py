@@ -351,5 +351,6 @@ def test_robust_args_that_do_not_fit_the_rule_fail_when_the_recipe_is_built():
     from dataclasses import replace
 
     with pytest.raises(ValueError, match=r"do not fit robust_rule 'median'.*robust_args=\{\}"):
-        replace(JOBS["fedgs_lits_robust"], robust_rule="median")  # the job's {"factor": 3.0} is norm screening's
-    assert replace(JOBS["fedgs_lits_robust"], robust_rule="median", robust_args={}).robust_rule == "median"
+        replace(JOBS["fedgs_lits_robust"], robust_args={"factor": 3.0})  # norm screening's parameter, not median's
+    job = replace(JOBS["fedgs_lits_robust"], robust_rule="norm_screening", robust_args={"factor": 3.0})
+    assert job.robust_rule == "norm_screening"
