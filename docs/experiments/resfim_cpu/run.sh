@@ -41,3 +41,6 @@ fedseg resfim restyle --job resfim_polypgen --site site-1 --out "$HERE/restyle"
 python docs/experiments/resfim_cpu/mask_reliability.py "$WORK/fedavg/server/simulate_job/results/global_model.pt" \
   "FedAvg model after 12 rounds" > "$HERE/mask_reliability_trained.json"
 python docs/experiments/resfim_cpu/mask_reliability.py init "untrained model (seed 0)" > "$HERE/mask_reliability_init.json"
+# reference: the FedAvg model with each site's own BatchNorm statistics (post-hoc, no training; FedBN's effect alone)
+python docs/experiments/resfim_cpu/bn_recalibration.py "$WORK/fedavg/server/simulate_job/results/global_model.pt" \
+  "FedAvg global model" > "$HERE/bn_recalibration_fedavg.json"
