@@ -20,15 +20,27 @@ def _isolated_home(tmp_path_factory):
             os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def tiny_polypgen(tmp_path_factory):
-    """Tiny synthetic PolypGen-format data (seed 1, JPEG frames and PNG masks) and a data-config JSON naming it."""
+def _tiny(tmp_path_factory, dataset: str):
+    """Tiny synthetic data of ``dataset`` in its real on-disk format (seed 1) and a data-config JSON naming it."""
     import json
 
+    from fedseg.data.synthetic import synth_lits
     from fedseg.data.synthetic_polypgen import synth_polypgen
 
-    root = tmp_path_factory.mktemp("tiny_polypgen")
-    synth_polypgen(root, preset="tiny", seed=1, progress=False)
-    cfg = root.parent / "tiny_polypgen.json"
-    cfg.write_text(json.dumps({"polypgen": {"root": str(root)}}))
-    return cfg
+    root = tmp_path_factory.mktemp(f"tiny_{dataset}")
+    {"lits": synth_lits, "polypgen": synth_polypgen}[dataset](root, preset="tiny", seed=1, progress=False)
+    cfg = root.parent / f"{root.name}.json"
+    cfg.write_text(json.dumps({dataset: {"root": str(root)}}))
+    return root, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Tiny synthetic LiTS data (NIfTI volumes) and a data-config JSON naming it: (root, config path)."""
+    return _tiny(tmp_path_factory, "lits")
+
+
+@pytest.fixture(scope="session")
+def tiny_polypgen(tmp_path_factory):
+    """Tiny synthetic PolypGen-format data (JPEG frames, PNG masks): the data-config JSON naming it."""
+    return _tiny(tmp_path_factory, "polypgen")[1]
