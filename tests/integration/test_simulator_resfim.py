@@ -15,6 +15,7 @@ import torch
 
 from fedseg.algorithms.spectral import StyleBank
 from fedseg.jobs.recipes import JOBS
+from fedseg.models import get_model
 
 pytestmark = pytest.mark.integration
 
@@ -98,8 +99,14 @@ def test_fedper_keeps_the_head_local_from_round_zero(polyp_cfg, tmp_path):
     assert re.search(r"round 0: fedper mask at site-1: \d+ of \d+ parameters", log)
     glob = torch.load(ws / "server" / "simulate_job" / "results" / "global_model.pt")
     heads = [torch.load(ws / s / "simulate_job" / "personalized" / "model.pt")["outc.weight"] for s in SITES]
-    # every site's head is its own, and no aggregate of the heads was ever formed: the global head is untrained
-    assert all(not torch.equal(h, glob["outc.weight"]) for h in heads)
+    # no aggregate of the heads was ever formed: the global head (and its last decoder stage) is still the
+    # persistor's initial model, bit for bit, while every site's head is its own
+    torch.manual_seed(job.seed)
+    init = get_model(job.model, in_channels=job.in_channels, num_classes=job.num_classes, **job.model_args).state_dict()
+    for name in ("outc.weight", "up4.conv_ch.weight"):
+        assert torch.equal(glob[name], init[name]), name
+    assert not torch.equal(glob["inc.0.conv1.weight"], init["inc.0.conv1.weight"])  # the shared trunk trained
+    assert all(not torch.equal(h, init["outc.weight"]) for h in heads)
     assert not torch.equal(heads[0], heads[1])
     trunk = [torch.load(ws / s / "simulate_job" / "personalized" / "model.pt")["inc.0.conv1.weight"] for s in SITES]
     assert all(torch.equal(t, glob["inc.0.conv1.weight"]) for t in trunk)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fedseg.algorithms.spectral import StyleBank, low_freq_style
+from fedseg.algorithms.spectral import StyleBank
 from fedseg.cli import main
 
 
@@ -34,7 +34,6 @@ def test_restyle_writes_the_figure_and_a_bank_that_can_be_reused(polyp_cfg, tmp_
                  "--site", "site-2", "--bank", str(out / "styles.npz"), "--out", str(again)]) == 0
     assert json.loads((again / "restyle.json").read_text())["mean_abs_change"] == pytest.approx(
         info["mean_abs_change"])
-    assert low_freq_style(np.ones((3, 32, 32)), 0.05).shape == (3, 3, 3)
 
 
 def test_restyle_refuses_a_job_without_resfim_a_row_out_of_range_and_a_bad_bank(polyp_cfg, tmp_path, capsys):

@@ -245,13 +245,14 @@ class MaskedCollector(UpdateCollector):
             raise ValueError("no update was added")
         aggregate, aggregated = masked_aggregate(self._updates, self._masks, self._weights)
         total = sum(a.size for a in aggregated.values())
+        shared = sum(int(a.sum()) for a in aggregated.values())
         some = sum(int(np.logical_or.reduce([np.asarray(self._masks[s][n]) for s in self.contributors]).sum())
                    for n in aggregated)
         self.last_stats = {
-            "aggregated_coords": int(sum(int(a.sum()) for a in aggregated.values())),
+            "aggregated_coords": shared,
             "total_coords": int(total),
             "local_somewhere": int(some),
-            "local_everywhere": int(total - sum(int(a.sum()) for a in aggregated.values())),
+            "local_everywhere": int(total - shared),
             "per_site_local_fraction": {s: mask_stats(self._masks[s])["local_fraction"] for s in self.contributors},
         }
         return {n: v.astype(dtype, copy=False) for n, v in aggregate.items()}

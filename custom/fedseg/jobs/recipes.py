@@ -67,7 +67,6 @@ _OPTIONAL_GROUPS = (("algorithm", "perfedavg_variant", "alpha", "beta", "adaptat
 PERSONALIZATIONS = ("none", "resfim", "fedper")
 STYLE_TASKS = ("resfim_style", "resfim_style_bank")  # fedseg.flare.style_exchange
 DP_MODES = ("none", "adaptive", "fixed")
-ATTACKS = ("none", "scale", "noise", "mask_flip")  # fedseg.attacks.poisoning; mask_flip is a data attack (executor)
 ROBUST_RULES = ("none", "median", "trimmed_mean", "krum", "multi_krum", "norm_screening")
 BUDGET_ACTIONS = ("warn", "stop")
 # FLARE's TenSEAL context files (HEBuilder / `nvflare poc prepare -he` / `fedseg he-context` write them to startup/)
@@ -185,8 +184,10 @@ class SegJob:
         if self.robust_rule != "none" and (self.he or self.secure_aggregation != "none"):
             raise ValueError(f"job {self.name}: a robust rule needs plaintext updates at the server; it does not "
                              "combine with HE or CSAHE (the server sees only ciphertexts or one sum)")
-        if self.attack not in ATTACKS:
-            raise ValueError(f"job {self.name}: attack must be one of {ATTACKS}, got {self.attack!r}")
+        from fedseg.attacks.poisoning import ATTACKS
+
+        if self.attack not in ("none",) + ATTACKS:
+            raise ValueError(f"job {self.name}: attack must be one of {('none',) + ATTACKS}, got {self.attack!r}")
         if self.attack != "none" and not self.attack_sites:
             raise ValueError(f"job {self.name}: attack {self.attack!r} needs attack_sites (e.g. ['site-4'])")
         if self.personalization not in PERSONALIZATIONS:
@@ -298,7 +299,9 @@ class SegJob:
         only: the attacker controls its own update), then DP noise, then encryption (noise must be added to the
         plaintext; the server only ever sees the noised update, encrypted)."""
         filters = []
-        if self.attack in ("scale", "noise"):
+        from fedseg.attacks.poisoning import UPDATE_ATTACKS
+
+        if self.attack in UPDATE_ATTACKS:  # mask_flip, a data attack, is the trainer's simulated_attack
             filters.append({"path": "fedseg.flare.attack_filter.SimulatedAttackFilter", "args": {
                 "attack": self.attack, "sites": list(self.attack_sites or []), "gamma": self.attack_gamma,
                 "noise_scale": self.attack_noise_scale, "seed": self.seed}})
