@@ -358,6 +358,8 @@ class SegJob:
                           "job_config": self.summary()}},
             ],
             "components": [
+                # makes plain `nvflare simulator` safe from NVFlare 2.9's worker-port race; nothing outside it
+                {"id": "simulator_ports", "path": "fedseg.flare.simulator_ports.SimulatorPortGuard", "args": {}},
                 {"id": "persistor", "path": "fedseg.flare.persistor.SegModelPersistor",
                  "args": {**self._shared_model(), "seed": self.seed}},
                 {"id": "shareable_generator",
