@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "difficulty_cmd",
     "data_cmd",
     "jobs_cmd",
+    "simulate_cmd",
     "evaluate_cmd",
     "cv_cmd",
     "report_cmd",

@@ -37,10 +37,7 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -253,38 +250,27 @@ def _export(jobs_dir: Path, sites: tuple[str, ...] | None, n: int) -> Path:
     return path
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for q in tree:
-        try:
-            q.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
-
-
 def _run_simulator(job_dir: Path, ws: Path, data_cfg: Path, n: int) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(data_cfg))
-    out = ws.parent / f"{ws.name}.out"
+    from fedseg.simulation import simulate
+
+    env = dict(os.environ, FEDSEG_DATA_CONFIG=str(data_cfg))
+    samplers = []
+
+    def started(pid: int) -> None:  # sample the simulator's process tree (its workers are labelled by --client)
+        root = psutil.Process(pid)
+        samplers.append(TreeSampler(lambda: {"sim": root}, split=_sim_label))
+        samplers[-1].start()
+
     t0 = time.time()
-    with open(out, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws),
-                                 "-n", str(n), "-t", str(n)], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    root = psutil.Process(proc.pid)
-    sampler = TreeSampler(lambda: {"sim": root}, split=_sim_label)
-    sampler.start()
-    try:
-        rc = proc.wait(timeout=900)
+    try:  # no retry: a retried run would mix two attempts into the timings
+        res = simulate(job_dir, ws, n_clients=n, threads=n, env=env, log_path=ws.parent / f"{ws.name}.out",
+                       timeout=900, stall_timeout=300, retries=0, on_start=started)
     finally:
-        sampler.stop()
-        _kill_tree(proc)
+        for sampler in samplers:
+            sampler.stop()
     t1 = time.time()
-    assert rc == 0, out.read_text(errors="replace")[-4000:]
+    assert res.ok, res.describe() + "\n" + (ws.parent / f"{ws.name}.out").read_text(errors="replace")[-4000:]
+    sampler = samplers[-1]
     # FLARE 2.9's simulator writes the server's job log to <ws>/server/log.txt (earlier versions: simulate_job/)
     log = next((p for p in (ws / "server" / "simulate_job" / "log.txt", ws / "server" / "log.txt") if p.is_file()),
                None)

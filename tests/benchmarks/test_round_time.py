@@ -8,11 +8,8 @@
 Each prints ratios against the baseline measured in the same run. Nothing here asserts a timing.
 """
 
-import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -109,16 +106,7 @@ def _per_round_seconds(log: str, rounds: int) -> float:
     return (s[rounds - 1] - s[1]).total_seconds() / (rounds - 2)
 
 
-def _simulate(job_dir: Path, ws: Path) -> str:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", "4", "-t", "4"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    return log
-
-
-def test_our_fedavg_path_vs_stock_fedavg_recipe(tmp_path):
+def test_our_fedavg_path_vs_stock_fedavg_recipe(tmp_path, run_simulator):
     from nvflare.apis.dxo import DataKind
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import TransferType
@@ -142,7 +130,7 @@ def test_our_fedavg_path_vs_stock_fedavg_recipe(tmp_path):
     results = {"ours": [], "stock": []}
     for rep in range(2):
         for name, job_dir in (("ours", ours), ("stock", stock_dir)) if rep == 0 else (("stock", stock_dir), ("ours", ours)):
-            log = _simulate(job_dir, tmp_path / f"ws_{name}_{rep}")
+            _, log = run_simulator(job_dir, tmp_path / f"ws_{name}_{rep}", 4, timeout=900)
             results[name].append(_per_round_seconds(log, rounds))
     o, s = statistics.mean(results["ours"]), statistics.mean(results["stock"])
     print(f"\n[benchmark] per-round wall time, 4 sites x {steps} steps, UTNet base 8, 128x128 (mean of 2 runs each, "

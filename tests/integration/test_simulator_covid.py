@@ -2,9 +2,6 @@
 then the per-site comparison report over it."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -29,19 +26,12 @@ def tiny_covid(tmp_path_factory):
     return root, cfg
 
 
-def test_pppml_covid_runs_perfedavg_with_csahe_and_reports_personalized_test_dice(tiny_covid, tmp_path):
+def test_pppml_covid_runs_perfedavg_with_csahe_and_reports_personalized_test_dice(tiny_covid, tmp_path, run_simulator):
     _, cfg = tiny_covid
     job = replace(JOBS["pppml_covid"], **TINY)
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(N_SITES),
-         "-t", str(N_SITES)],
-        check=False, env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, N_SITES, data_cfg=cfg)
     assert "fedseg results:" in log
     run_dir = ws / "server" / "simulate_job"
     results = run_dir / "results"

@@ -1,10 +1,7 @@
 """Real `nvflare simulator` runs of fedgs_lits_csahe (CSAHE ring-relay secure aggregation) on tiny settings."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -64,7 +61,7 @@ class DumpAggregate(Filter):
 """
 
 
-def _simulate(tmp_path, data_cfg, corrupt_site=None):
+def _simulate(run_simulator, tmp_path, data_cfg, corrupt_site=None):
     job = replace(JOBS["fedgs_lits_csahe"], **TINY)
     job_dir = job.export(tmp_path / "jobs")
     if corrupt_site:
@@ -80,14 +77,7 @@ def _simulate(tmp_path, data_cfg, corrupt_site=None):
         ]
         cfg_path.write_text(json.dumps(cfg))
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(data_cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(N_SITES),
-         "-t", str(N_SITES)],
-        check=False, env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, N_SITES, data_cfg=data_cfg)
     run_dir = ws / "server" / "simulate_job"
     records = [json.loads(line) for line in (run_dir / "csahe_rounds.jsonl").read_text().splitlines()]
     return run_dir, log, records
@@ -103,9 +93,9 @@ def _global_model_change(run_dir):
     return {k: final[k].numpy().astype(np.float64) - initial[k] for k in initial if initial[k].dtype.kind == "f"}
 
 
-def test_csahe_job_runs_secure_rounds_and_writes_results(tiny_data, tmp_path):
+def test_csahe_job_runs_secure_rounds_and_writes_results(tiny_data, tmp_path, run_simulator):
     _, cfg = tiny_data
-    run_dir, log, records = _simulate(tmp_path, cfg)
+    run_dir, log, records = _simulate(run_simulator, tmp_path, cfg)
     assert "fedseg results:" in log
     metrics = json.loads((run_dir / "results" / "metrics.json").read_text())
     assert metrics["config"]["secure_aggregation"] == "csahe"
@@ -148,12 +138,12 @@ def test_csahe_job_runs_secure_rounds_and_writes_results(tiny_data, tmp_path):
     assert max(float(np.abs(v).max()) for v in change.values()) > 0  # the aggregates were applied
 
 
-def test_corrupted_ring_replies_rerun_the_round_without_that_site(tiny_data, tmp_path):
+def test_corrupted_ring_replies_rerun_the_round_without_that_site(tiny_data, tmp_path, run_simulator):
     """site-3's csahe_start / csahe_hop replies carry garbage ciphertexts: the server catches them under the round's
     public context, drops site-3 for the round and re-runs the ring over the other three with a fresh initiator;
     no partial sum is applied."""
     _, cfg = tiny_data
-    run_dir, log, records = _simulate(tmp_path, cfg, corrupt_site="site-3")
+    run_dir, log, records = _simulate(run_simulator, tmp_path, cfg, corrupt_site="site-3")
     assert "fedseg results:" in log
     assert [r["round"] for r in records] == [0, 1]
     for r in records:

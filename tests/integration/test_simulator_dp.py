@@ -2,7 +2,6 @@
 jobs/): the DP filter at every site, the accountant's totals in the results folder and the streamed metrics."""
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,19 +17,12 @@ TINY = dict(num_rounds=2, local_epochs=1, max_steps_per_round=2, min_clients=2, 
             test_every_n_rounds=1)
 
 
-def _simulate(job, tmp_path, data_cfg, n_sites=2, before=None):
+def _simulate(run_simulator, job, tmp_path, data_cfg, n_sites=2, before=None):
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
     if before is not None:
         before(ws)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(data_cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(n_sites),
-         "-t", str(n_sites)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, n_sites, data_cfg=data_cfg)
     return ws, log
 
 
@@ -67,10 +59,10 @@ def _check_privacy(ws, log, job, sites=("site-1", "site-2")):
     return metrics, privacy
 
 
-def test_adaptive_dp_job_runs_and_reports_its_privacy(tiny_data, tmp_path):
+def test_adaptive_dp_job_runs_and_reports_its_privacy(tiny_data, tmp_path, run_simulator):
     _, cfg = tiny_data
     job = replace(JOBS["fedgs_lits_adp"], **TINY)
-    ws, log = _simulate(job, tmp_path, cfg)
+    ws, log = _simulate(run_simulator, job, tmp_path, cfg)
     metrics, privacy = _check_privacy(ws, log, job)
     # the noised updates were aggregated and the model evaluated as in a plaintext run
     assert log.count("aggregated 2 site(s)") == job.num_rounds
@@ -90,7 +82,7 @@ def test_adaptive_dp_job_runs_and_reports_its_privacy(tiny_data, tmp_path):
     assert by_round[("site-1", 1)]["clip"] != pytest.approx(job.dp_clip_init)
 
 
-def test_budget_stop_releases_nothing_past_the_budget_and_ends_the_job(tiny_data, tmp_path):
+def test_budget_stop_releases_nothing_past_the_budget_and_ends_the_job(tiny_data, tmp_path, run_simulator):
     """A budget of one round with budget_action "stop": round 0 is released, in round 1 every site refuses
     (PRIVACY_BUDGET_EXHAUSTED), ScatterAndGather cannot reach min_clients and ends the job; the run folder keeps the
     privacy record of round 0 and no update of round 1 reached the server."""
@@ -100,12 +92,8 @@ def test_budget_stop_releases_nothing_past_the_budget_and_ends_the_job(tiny_data
     job = replace(job, dp_budget_epsilon=eps_round, dp_budget_action="stop")
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", "2", "-t", "2"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
+    res, log = run_simulator(job_dir, ws, 2, data_cfg=cfg, check=False)
+    assert res.failure is None, res.describe()  # the job ended by itself
     assert "privacy budget exhausted" in log and "PRIVACY_BUDGET_EXHAUSTED" in log
     assert "Cannot reach min_responses" in log
     assert log.count("aggregated 2 site(s)") == 1 and "round 1: aggregated" not in log
@@ -117,7 +105,7 @@ def test_budget_stop_releases_nothing_past_the_budget_and_ends_the_job(tiny_data
     assert not (run_dir / "results").exists()
 
 
-def test_dp_then_he_job_runs_and_records_the_privacy_of_encrypted_updates(tiny_data, tmp_path):
+def test_dp_then_he_job_runs_and_records_the_privacy_of_encrypted_updates(tiny_data, tmp_path, run_simulator):
     """fedgs_lits_adp_he: each site noises its update, then encrypts it (FLARE's TenSEAL HE); the server aggregates
     ciphertexts, stores the model encrypted, and still records the sites' DP reports (the meta stays plaintext)."""
     _, cfg = tiny_data
@@ -128,7 +116,7 @@ def test_dp_then_he_job_runs_and_records_the_privacy_of_encrypted_updates(tiny_d
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
 
-    ws, log = _simulate(job, tmp_path, cfg, before=contexts)
+    ws, log = _simulate(run_simulator, job, tmp_path, cfg, before=contexts)
     metrics, _ = _check_privacy(ws, log, job)
     lines = [line for line in log.splitlines() if "aggregated 2 site(s)" in line]
     assert len(lines) == job.num_rounds and all("(ciphertexts)" in line for line in lines)  # HE aggregator only

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -24,15 +23,11 @@ TINY = dict(num_rounds=2, local_epochs=1, max_steps_per_round=3, min_clients=2, 
             data_args={"image_size": 32, "min_tumour_pixels": 4}, model_args={"base_chan": 4})
 
 
-def _simulate(tmp_path, data_cfg, ws, timeout=600):
+def _simulate(run_simulator, tmp_path, data_cfg, ws):
     job_dir = replace(JOBS["fedgs_lits_he"], **TINY).export(tmp_path / "jobs")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(data_cfg))
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", "2", "-t", "2"],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+    res, log = run_simulator(job_dir, ws, 2, data_cfg=data_cfg, check=False)
+    assert res.failure is None, res.describe()  # the simulator ended by itself
+    return res.returncode, log, res.seconds
 
 
 def _net():
@@ -41,13 +36,14 @@ def _net():
     return get_model("utnet", in_channels=1, num_classes=1, base_chan=4)
 
 
-def test_fedgs_lits_he_stores_ciphertext_and_a_site_decrypts_and_evaluates_it(tiny_data, tmp_path, capsys):
+def test_fedgs_lits_he_stores_ciphertext_and_a_site_decrypts_and_evaluates_it(tiny_data, tmp_path, capsys,
+                                                                             run_simulator):
     _, cfg = tiny_data
     ws = tmp_path / "ws"
     assert main(["he-context", "--workspace", str(ws)]) == 0
     capsys.readouterr()
     key_id = context_fingerprint(read_context(ws / "startup" / CLIENT_CONTEXT))["key_id"]
-    rc, log, _ = _simulate(tmp_path, cfg, ws)
+    rc, log, _ = _simulate(run_simulator, tmp_path, cfg, ws)
     assert rc == 0, log[-5000:]
     for rnd in (0, 1):
         assert f"round {rnd}: aggregated 2 site(s)" in log and "(ciphertexts)" in log
@@ -102,10 +98,11 @@ def test_fedgs_lits_he_stores_ciphertext_and_a_site_decrypts_and_evaluates_it(ti
     assert np.isfinite(evaluated["dice"])
 
 
-def test_fedgs_lits_he_without_contexts_stops_at_start_with_the_command_that_makes_them(tiny_data, tmp_path):
+def test_fedgs_lits_he_without_contexts_stops_at_start_with_the_command_that_makes_them(tiny_data, tmp_path,
+                                                                                        run_simulator):
     _, cfg = tiny_data
     ws = tmp_path / "ws_no_contexts"
-    rc, log, seconds = _simulate(tmp_path, cfg, ws, timeout=300)
+    rc, log, seconds = _simulate(run_simulator, tmp_path, cfg, ws)
     assert rc != 0
     assert f"TenSEAL context '{SERVER_CONTEXT}'" in log and f"not found in the startup folder {ws / 'startup'}" in log
     assert "fedseg he-context --workspace WS" in log and "nvflare poc prepare -he" in log

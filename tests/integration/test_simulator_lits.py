@@ -40,7 +40,8 @@ class PoisonFilter(DXOFilter):
 """
 
 
-def _simulate(job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_site=None, via_local_folder=False):
+def _simulate(run_simulator, job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_site=None,
+              via_local_folder=False):
     job = replace(JOBS[job_name], **TINY)
     job_dir = job.export(tmp_path / "jobs")
     if poison_site:
@@ -51,18 +52,13 @@ def _simulate(job_name, tmp_path, data_cfg, n_sites=2, extra_env=None, poison_si
             {"path": "poison_filter.PoisonFilter", "args": {"site": poison_site}}]}]
         cfg_path.write_text(json.dumps(cfg))
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+    env = dict(os.environ, **(extra_env or {}))
     if via_local_folder:  # site-local configuration: WS/local is copied into every site's workspace
         (ws / "local").mkdir(parents=True)
         (ws / "local" / "fedseg_data.json").write_text(data_cfg.read_text())
     else:
         env["FEDSEG_DATA_CONFIG"] = str(data_cfg)
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(n_sites), "-t", str(n_sites)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, n_sites, env=env)
     return ws, log
 
 
@@ -74,9 +70,10 @@ def _results(ws):
 
 @pytest.mark.parametrize("job_name, aggregation, via_local_folder",
                          [("fedgs_lits", "fedgs", False), ("fedavg_lits", "fedavg", True)])
-def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, via_local_folder, tiny_data, tmp_path):
+def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, via_local_folder, tiny_data, tmp_path,
+                                                        run_simulator):
     _, cfg = tiny_data
-    ws, log = _simulate(job_name, tmp_path, cfg, via_local_folder=via_local_folder)
+    ws, log = _simulate(run_simulator, job_name, tmp_path, cfg, via_local_folder=via_local_folder)
     expected_origin = "local/fedseg_data.json" if via_local_folder else "FEDSEG_DATA_CONFIG"
     assert expected_origin in log
     res = _results(ws)
@@ -121,16 +118,16 @@ def test_simulator_run_produces_model_metrics_and_plots(job_name, aggregation, v
     assert (tmp_path / "eval" / "overlays.png").stat().st_size > 0
 
 
-def test_bad_update_from_a_site_is_rejected_and_the_round_goes_on(tiny_data, tmp_path):
+def test_bad_update_from_a_site_is_rejected_and_the_round_goes_on(tiny_data, tmp_path, run_simulator):
     """A site whose update holds NaN is rejected with its name in the log; the other site's update is applied."""
     _, cfg = tiny_data
-    ws, log = _simulate("fedgs_lits", tmp_path, cfg, poison_site="site-2")
+    ws, log = _simulate(run_simulator, "fedgs_lits", tmp_path, cfg, poison_site="site-2")
     assert "rejected the update of site 'site-2'" in log and "NaN/Inf" in log
     assert log.count("aggregated 1 site(s) ['site-1']") == 2
     assert (_results(ws) / "global_model.pt").is_file()
 
 
-def test_a_site_with_a_bad_data_root_stops_the_job_with_a_clear_message(tiny_data, tmp_path):
+def test_a_site_with_a_bad_data_root_stops_the_job_with_a_clear_message(tiny_data, tmp_path, run_simulator):
     """site-2 points at a folder that does not exist: the job ends (no hang) and the log names the site and file."""
     root, _ = tiny_data
     cfg = tmp_path / "fedseg_data.json"
@@ -138,11 +135,7 @@ def test_a_site_with_a_bad_data_root_stops_the_job_with_a_clear_message(tiny_dat
     cfg.write_text(json.dumps({"lits": {"root": str(root)}, "sites": {"site-2": {"lits": {"root": str(missing)}}}}))
     job = replace(JOBS["fedgs_lits"], **TINY)
     job_dir = job.export(tmp_path / "jobs")
-    env = dict(os.environ, FEDSEG_DATA_CONFIG=str(cfg), PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(tmp_path / "ws"), "-n", "2", "-t", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    log = proc.stdout + proc.stderr
+    res, log = run_simulator(job_dir, tmp_path / "ws", 2, data_cfg=cfg, check=False)
+    assert res.failure is None, res.describe()  # the simulator ended by itself: the watchdog did not stop it
     assert "site-2 cannot train" in log and str(missing) in log
     assert "fedseg results" not in log  # no results from a run that could not train

@@ -12,13 +12,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 TINY_SETS = ["num_rounds=2", "local_epochs=1", "max_steps_per_round=2", "num_threads=1", "test_every_n_rounds=0",
-             "min_clients=3",  # 3 simulator workers: see the note on worker start-up below
+             "min_clients=3",  # 3 simulator workers: faster than 5 on 2 cores
              "data_args.image_size=32"]
-
-
-# Worker start-up: NVFlare 2.9's simulator picks each worker's port with get_open_ports() from several threads at
-# once; here a 5-worker run now and then lost one worker at start ("Communication error with client site-N:
-# Connection reset by peer") and then waited forever. Fewer workers make that rarer and the test faster.
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 every site stores its personalized model, and that checkpoint reproduces the personalized Dice the site reported."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,15 +26,10 @@ def polyp_cfg(tiny_polypgen):
     return tiny_polypgen
 
 
-def _run(job, tmp_path, cfg):
+def _run(run_simulator, job, tmp_path, cfg):
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(cfg))
-    n = str(len(SITES))
-    proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", n, "-t", n],
-                          env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, len(SITES), data_cfg=cfg)
     for problem in ("rejected the update", "refused at site", "cannot start the round", "cannot train"):
         assert problem not in log, log[log.index(problem) - 2000:][:5000]
     return ws, log
@@ -60,9 +54,10 @@ def _personalized_dice_of_checkpoint(ws, site, cfg, job):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_resfim_exchanges_styles_keeps_sensitive_parameters_local_and_stores_personalized_models(polyp_cfg, tmp_path):
+def test_resfim_exchanges_styles_keeps_sensitive_parameters_local_and_stores_personalized_models(polyp_cfg, tmp_path,
+                                                                                                 run_simulator):
     job = _tiny("resfim_polypgen", fraction=0.2, warmup_rounds=1, every=1, beta=0.1, fisher_samples=4)
-    ws, log = _run(job, tmp_path, polyp_cfg)
+    ws, log = _run(run_simulator, job, tmp_path, polyp_cfg)
     # the bank: styles only (C x (2b+1)^2 amplitudes per site), held by every site
     assert f"style exchange: {len(SITES)} site(s) hold the bank" in log
     bank = StyleBank.from_dict(dict(np.load(ws / "server" / "simulate_job" / "style_bank.npz")))
@@ -92,9 +87,9 @@ def test_resfim_exchanges_styles_keeps_sensitive_parameters_local_and_stores_per
         assert again["dice"] == pytest.approx(reported, abs=1e-6), site
 
 
-def test_fedper_keeps_the_head_local_from_round_zero(polyp_cfg, tmp_path):
+def test_fedper_keeps_the_head_local_from_round_zero(polyp_cfg, tmp_path, run_simulator):
     job = _tiny("fedper_polypgen")
-    ws, log = _run(job, tmp_path, polyp_cfg)
+    ws, log = _run(run_simulator, job, tmp_path, polyp_cfg)
     assert "style exchange" not in log and "resfim_style" not in log
     assert re.search(r"round 0: fedper mask at site-1: \d+ of \d+ parameters", log)
     glob = torch.load(ws / "server" / "simulate_job" / "results" / "global_model.pt")

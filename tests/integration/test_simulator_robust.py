@@ -2,9 +2,6 @@
 three sites is rejected by norm screening every round, and the job completes with the honest sites' model."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -14,7 +11,7 @@ from fedseg.jobs.recipes import JOBS
 pytestmark = pytest.mark.integration
 
 
-def test_norm_screening_rejects_the_model_replacement_attacker_every_round(tiny_data, tmp_path):
+def test_norm_screening_rejects_the_model_replacement_attacker_every_round(tiny_data, tmp_path, run_simulator):
     _, cfg = tiny_data
     job = replace(JOBS["fedgs_lits_robust"], num_rounds=2, local_epochs=1, max_steps_per_round=2, min_clients=3,
                   num_threads=1, data_args={"image_size": 32, "min_tumour_pixels": 4}, model_args={"base_chan": 4},
@@ -22,11 +19,7 @@ def test_norm_screening_rejects_the_model_replacement_attacker_every_round(tiny_
                   robust_rule="norm_screening", robust_args={"factor": 3.0})
     job_dir = job.export(tmp_path / "jobs")
     ws = tmp_path / "ws"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDSEG_DATA_CONFIG=str(cfg))
-    proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", "3",
-                           "-t", "3"], env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    _, log = run_simulator(job_dir, ws, 3, data_cfg=cfg)
     assert log.count("SIMULATED ATTACK at site-3: model replacement, update x 100") == job.num_rounds
     verdicts = [line for line in log.splitlines() if "norm_screening kept" in line]
     assert len(verdicts) == job.num_rounds, log[-3000:]

@@ -335,6 +335,6 @@ def test_module_is_numpy_only():
     import subprocess
 
     code = "import sys, fedseg.difficulty; print('torch' in sys.modules, 'nvflare' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.split() == ["False", "False"]
     assert dif.DIFFICULTY_MODES == ("lits", "polypgen")

@@ -7,6 +7,7 @@ from fedseg.cli import main
 from fedseg.commands import privacy_cmd
 from fedseg.commands.privacy_cmd import RESULTS, collect, plan_variants, variant_name
 from fedseg.errors import CommandError
+from fedseg.simulation.runner import DEFAULT_RETRIES, DEFAULT_STALL_TIMEOUT
 
 
 def _metrics(test_dice, site_dice, eps_round=None, rounds=3, test=True):
@@ -143,7 +144,8 @@ def test_sweep_runs_resumes_and_reports_a_failed_run(tmp_path, monkeypatch, caps
     sweep reuses finished runs, re-runs the failed one, and a changed setting re-runs everything."""
     calls = []
 
-    def fake_simulate(job_dir, run_ws, log_path, sites, threads):
+    def fake_simulate(job_dir, run_ws, log_path, sites, threads, **watchdog):
+        assert watchdog == {"timeout": None, "stall_timeout": DEFAULT_STALL_TIMEOUT, "retries": DEFAULT_RETRIES}
         name = job_dir.name.removeprefix("fedgs_lits_")
         calls.append(name)
         log_path.write_text(f"simulated {name}\nlast line of {name}\n")

@@ -117,6 +117,8 @@ def test_default_rule_args():
      "krum with f=0 Byzantine sites needs n >= 2f + 3 = 3 sites, got n=2"),
     (["--job", "fedgs_lits_robust", "--set", "no_such_field=3"], "unknown job setting"),
     (["--job", "fedgs_lits_robust", "--parallel", "0"], "--parallel must be >= 1"),
+    (["--job", "fedgs_lits_robust", "--retries", "-1"], "--retries must be >= 0"),
+    (["--job", "fedgs_lits_robust", "--stall-timeout", "-5"], "--stall-timeout must be >= 0"),
 ])
 def test_sweep_argument_errors(argv, message, tmp_path, capsys):
     assert main(["security", "sweep", *argv, "--out", str(tmp_path / "s")]) == 2
@@ -236,7 +238,8 @@ def test_sweep_runs_reuses_a_finished_run_and_reports_a_failed_run(tmp_path, mon
     for one variant): the second sweep reuses the finished runs and re-runs only the failed one."""
     calls = []
 
-    def fake_simulate(job_dir, run_ws, log_path, sites, threads):
+    def fake_simulate(job_dir, run_ws, log_path, sites, threads, **watchdog):
+        assert watchdog == {"timeout": 900.0, "stall_timeout": 300.0, "retries": 1}  # the sweep's watchdog options
         name = job_dir.name.removeprefix("fedgs_lits_robust_")
         calls.append(name)
         run_ws.mkdir(parents=True)
@@ -259,7 +262,8 @@ def test_sweep_runs_reuses_a_finished_run_and_reports_a_failed_run(tmp_path, mon
     monkeypatch.setattr(security_cmd, "_simulate", fake_simulate)
     out = tmp_path / "sweep"
     argv = ["security", "sweep", "--job", "fedgs_lits_robust", "--attacks", "none", "scale", "--defences", "none",
-            "median", "--attack-sites", "site-3", "--set", "num_rounds=2", "--set", "min_clients=3", "--out", str(out)]
+            "median", "--attack-sites", "site-3", "--set", "num_rounds=2", "--set", "min_clients=3", "--out", str(out),
+            "--timeout", "900", "--stall-timeout", "300", "--retries", "1"]
     fail = True
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`fedseg cv JOB`: k-fold cross-validation through `nvflare simulator`, one run per fold.
+"""`fedseg cv JOB`: k-fold cross-validation through `nvflare simulator` (fedseg's runner: port fix, watchdog,
+retries), one run per fold.
 
 Each fold's run keeps its best global model by validation Dice (BestModelKeeper) and evaluates it on the test
 centre; the summary reports the test-centre Dice / DiceS / DiceL of those best checkpoints as mean +- std over folds
@@ -8,14 +9,13 @@ centre; the summary reports the test-centre Dice / DiceS / DiceL of those best c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from fedseg.commands.jobs_cmd import parse_sets
+from fedseg.commands.simulate_cmd import add_watchdog_arguments, watchdog_kwargs
 from fedseg.errors import CommandError
+from fedseg.simulation import simulate
 
 KEYS = ("dice", "dice_s", "dice_l")
 
@@ -29,6 +29,7 @@ def register(subparsers):
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a job setting (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
+    add_watchdog_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -65,6 +66,7 @@ def run(args) -> int:
     bad = [f for f in folds if not 0 <= f < args.n_folds]
     if bad:
         raise CommandError(f"folds {bad} are outside 0..{args.n_folds - 1}")
+    watchdog = watchdog_kwargs(args)
     ws = args.workspace.resolve()
     ws.mkdir(parents=True, exist_ok=True)
     sites = job.min_clients
@@ -81,15 +83,10 @@ def run(args) -> int:
         print(f"[{i + 1}/{len(folds)}] fold {fold}: nvflare simulator {job_dir} ({sites} sites, "
               f"{fold_job.num_rounds} rounds) -> log {log_path}", flush=True)
         t0 = time.perf_counter()
-        with open(log_path, "w") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(run_ws),
-                 "-n", str(sites), "-t", str(threads)],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
+        res = simulate(job_dir, run_ws, n_clients=sites, threads=threads, log_path=log_path, **watchdog)
         metrics_file = run_ws / "server" / "simulate_job" / "results" / "metrics.json"
-        if proc.returncode != 0 or not metrics_file.is_file():
-            raise CommandError(f"fold {fold} failed (exit {proc.returncode}); see {log_path}")
+        if not res.ok or not metrics_file.is_file():
+            raise CommandError(f"fold {fold} failed ({res.describe()}); see {log_path}")
         metrics = json.loads(metrics_file.read_text())
         best = metrics.get("best") or {}
         chosen = best.get("test_centre") or metrics.get("test_centre")

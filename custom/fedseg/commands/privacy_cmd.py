@@ -154,7 +154,8 @@ def run_sweep(args) -> int:
     entries = [(sweep_runner.variant_entry(v["name"], v["job"], method=v["method"], epsilon=v["epsilon"]), v["job"])
                for v in variants]
     failures = sweep_runner.run_plan(out, plan, entries, rerun=args.rerun, parallel=args.parallel,
-                                     threads=args.threads, desc="privacy sweep", simulate=_simulate)
+                                     threads=args.threads, desc="privacy sweep", simulate=_simulate,
+                                     watchdog=sweep_runner.watchdog_kwargs(args))
     return sweep_runner.report_failures(failures, report(out))
 
 

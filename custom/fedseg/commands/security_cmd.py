@@ -224,7 +224,8 @@ def run_sweep(args) -> int:
                                            rule_args=v["rule_args"], attack_sites=list(v["job"].attack_sites or [])),
                 v["job"]) for v in variants]
     failures = sweep_runner.run_plan(out, plan, entries, rerun=args.rerun, parallel=args.parallel,
-                                     threads=args.threads, desc="security sweep", simulate=_simulate)
+                                     threads=args.threads, desc="security sweep", simulate=_simulate,
+                                     watchdog=sweep_runner.watchdog_kwargs(args))
     return sweep_runner.report_failures(failures, report(out))
 
 

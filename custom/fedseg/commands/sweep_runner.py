@@ -25,16 +25,15 @@ can pass a stand-in.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fedseg.commands.simulate_cmd import add_watchdog_arguments, watchdog_kwargs
 from fedseg.errors import CommandError
+from fedseg.simulation import simulate as run_simulation
 
 PLAN = "sweep_plan.json"
 RESULTS = Path("server") / "simulate_job" / "results"
@@ -55,6 +54,7 @@ def add_run_arguments(parser, set_example: str) -> None:
                         help="simulator threads per run (default: one per site)")
     parser.add_argument("--rerun", action="store_true", help="re-run variants that already finished")
     parser.add_argument("--out", type=Path, required=True, help="sweep folder (jobs/, runs/, logs/, table, plot)")
+    add_watchdog_arguments(parser)
 
 
 def run_arguments_command(args) -> list[str]:
@@ -74,7 +74,9 @@ def quote_command(parts: list[str]) -> str:
 
 
 def check_run_arguments(args) -> Path:
-    """CommandError on --parallel / --threads below 1 or an --out that is a file; the resolved --out."""
+    """CommandError on --parallel / --threads below 1, bad watchdog options or an --out that is a file; the
+    resolved --out."""
+    watchdog_kwargs(args)
     if args.parallel < 1:
         raise CommandError(f"--parallel must be >= 1, got {args.parallel}")
     if args.threads is not None and args.threads < 1:
@@ -104,16 +106,13 @@ def finished(run_ws: Path, summary: dict) -> bool:
         return False
 
 
-def simulate(job_dir: Path, run_ws: Path, log_path: Path, sites: int, threads: int) -> tuple[int, float]:
-    """``nvflare simulator`` of ``job_dir`` in ``run_ws`` (stdout and stderr to ``log_path``): (exit code, s)."""
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(run_ws),
-           "-n", str(sites), "-t", str(threads)]
-    with open(log_path, "w") as log:
-        log.write("$ " + quote_command(cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    return proc.returncode, time.perf_counter() - t0
+def simulate(job_dir: Path, run_ws: Path, log_path: Path, sites: int, threads: int,
+             **watchdog) -> tuple[int, float]:
+    """``job_dir`` in the simulator in ``run_ws`` through fedseg's runner (:func:`fedseg.simulation.simulate`:
+    port fix, watchdog, retries; ``watchdog`` = its timeout / stall_timeout / retries), output to ``log_path``:
+    (exit code, s)."""
+    res = run_simulation(job_dir, run_ws, n_clients=sites, threads=threads, log_path=log_path, **watchdog)
+    return res.returncode, res.seconds
 
 
 def log_tail(path: Path, n: int = 8) -> str:
@@ -125,10 +124,11 @@ def log_tail(path: Path, n: int = 8) -> str:
 
 
 def run_plan(out: Path, plan: dict, variants: list[tuple[dict, Any]], *, rerun: bool, parallel: int,
-             threads: int | None, desc: str, simulate: Callable = simulate) -> list[tuple[str, str]]:
+             threads: int | None, desc: str, simulate: Callable = simulate,
+             watchdog: dict | None = None) -> list[tuple[str, str]]:
     """Make ``OUT/jobs|runs|logs``, write ``plan`` (its ``variants`` are the entries of ``variants``: pairs of
     (:func:`variant_entry`, job)) to ``OUT/sweep_plan.json``, reuse the finished runs (unless ``rerun``) and run the
-    others. [(name, reason)] of the failed runs."""
+    others (``simulate`` with the ``watchdog`` keyword arguments). [(name, reason)] of the failed runs."""
     for sub in ("jobs", "runs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plan = dict(plan, variants=[entry for entry, _ in variants])
@@ -140,11 +140,11 @@ def run_plan(out: Path, plan: dict, variants: list[tuple[dict, Any]], *, rerun: 
             continue
         todo.append((entry, job))
     (out / PLAN).write_text(json.dumps(plan, indent=2))
-    return _run_all(out, todo, parallel, threads, desc, simulate)
+    return _run_all(out, todo, parallel, threads, desc, simulate, watchdog or {})
 
 
 def _run_all(out: Path, todo: list, parallel: int, threads: int | None, desc: str,
-             simulate: Callable) -> list[tuple[str, str]]:
+             simulate: Callable, watchdog: dict) -> list[tuple[str, str]]:
     """Run the variants (``parallel`` at a time) with a progress bar; [(name, reason)] of the failed ones."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -159,7 +159,7 @@ def _run_all(out: Path, todo: list, parallel: int, threads: int | None, desc: st
             shutil.rmtree(run_ws)
         job_dir = job.export(out / "jobs")
         sites = job.min_clients
-        rc, seconds = simulate(job_dir, run_ws, log_path, sites, threads or sites)
+        rc, seconds = simulate(job_dir, run_ws, log_path, sites, threads or sites, **watchdog)
         ok = rc == 0 and (run_ws / RESULTS / "metrics.json").is_file()
         if ok:
             (run_ws / "variant.json").write_text(json.dumps(canonical(job.summary()), indent=1))

@@ -174,8 +174,9 @@ def _running(p: psutil.Process) -> bool:
 class _Watch:
     """Reads the simulator's output line by line (to the sinks), notes failure signatures and the last progress."""
 
-    def __init__(self, stream, sinks: list[TextIO], workspace: Path):
+    def __init__(self, stream, sinks: list[TextIO], workspace: Path, recognise: bool = True):
         self.sinks = sinks
+        self.recognise = recognise
         self.workspace = workspace
         self.failure: str | None = None
         self.last_progress = time.monotonic()
@@ -185,7 +186,7 @@ class _Watch:
         self.thread.start()
 
     def _note(self, text: str) -> None:
-        if self.failure is not None:
+        if self.failure is not None or not self.recognise:
             return
         for pattern, meaning in SIGNATURES:
             m = pattern.search(text)
@@ -226,12 +227,16 @@ class _Watch:
 
 
 def _run_once(cmd: list[str], workspace: Path, env: dict, sinks: list[TextIO], *, deadline: float | None,
-              stall_timeout: float | None, poll: float, say: Callable[[str], None]) -> tuple[int | None, str | None, bool]:
+              stall_timeout: float | None, poll: float, say: Callable[[str], None],
+              recognise: bool = True, on_start: Callable[[int], None] | None = None
+              ) -> tuple[int | None, str | None, bool]:
     """One attempt: (return code or None, why it was stopped or None, whether a retry may help)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     tree = ProcessTree(proc.pid)
-    watch = _Watch(proc.stdout, sinks, workspace)
+    if on_start is not None:
+        on_start(proc.pid)
+    watch = _Watch(proc.stdout, sinks, workspace, recognise)
     why, retry = None, False
     try:
         while True:
@@ -273,10 +278,13 @@ def simulate(job_dir: str | Path, workspace: str | Path, *, n_clients: int | Non
              end_run_for_all: bool = False, log_path: str | Path | None = None, echo: bool = False,
              env: dict | None = None, timeout: float | None = None,
              stall_timeout: float | None = DEFAULT_STALL_TIMEOUT, retries: int = DEFAULT_RETRIES, poll: float = 1.0,
-             command: list[str] | None = None) -> SimulationResult:
+             command: list[str] | None = None, recognise: bool = True,
+             on_start: Callable[[int], None] | None = None) -> SimulationResult:
     """Run ``job_dir`` in the simulator in ``workspace`` (the arguments of ``nvflare simulator``), with the watchdog
     described in the module docstring. Output goes to ``log_path`` (overwritten) and, with ``echo``, to stdout;
-    the watchdog's messages to both and to stderr. ``command`` replaces the simulator command (tests)."""
+    the watchdog's messages to both and to stderr. ``command`` replaces the simulator command (tests, and the stress
+    script's plain ``nvflare simulator`` loop, which also sets ``recognise=False`` so only the time bounds stop a run);
+    ``on_start`` is called with each attempt's process id (a benchmark that samples the process tree)."""
     job_dir, workspace = Path(job_dir).resolve(), Path(workspace).resolve()
     if command is None and not (job_dir / "meta.json").is_file() and not (job_dir / "app").is_dir():
         raise SimulationError(f"{job_dir} is not an NVFlare job folder (no meta.json); give a folder under jobs/ "
@@ -313,7 +321,8 @@ def simulate(job_dir: str | Path, workspace: str | Path, *, n_clients: int | Non
                 log.flush()
             start = time.monotonic()
             rc, why, retry = _run_once(cmd, workspace, run_env, sinks, deadline=deadline,
-                                       stall_timeout=stall_timeout, poll=poll, say=say)
+                                       stall_timeout=stall_timeout, poll=poll, say=say, recognise=recognise,
+                                       on_start=on_start)
             attempt = Attempt(number, rc, time.monotonic() - start, why, workspace)
             attempts.append(attempt)
             if why is None or not retry or number == retries + 1:
