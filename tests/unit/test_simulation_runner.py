@@ -41,6 +41,8 @@ STAND_IN = textwrap.dedent("""
         for i in range(6000):
             print(f"round {i}", flush=True)
             time.sleep(0.1)
+    elif what == "orphan":  # exits, leaving its worker running
+        sys.exit(0)
     elif what.startswith("exit"):
         worker.kill()
         (ws / "results.txt").write_text("done")
@@ -122,6 +124,13 @@ def test_a_simulator_that_exits_by_itself_is_never_retried(tmp_path):
     assert res.returncode == 3 and res.retries == 0 and res.failure is None
     assert not (tmp_path / "ws.failed-attempt-1").exists()
     assert "exit code 3" in res.describe()
+
+
+def test_workers_left_after_the_simulator_exits_are_stopped(tmp_path, capsys):
+    res, ws = _run(tmp_path, ["orphan"], retries=0)
+    assert res.ok and res.failure is None
+    assert _gone(int((ws / "worker_pid_1").read_text()))
+    assert "left after the simulator exited" in capsys.readouterr().err
 
 
 def test_not_a_job_folder_is_explained(tmp_path):

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
@@ -106,12 +107,17 @@ def simulator_command(job_dir: Path, workspace: Path, *, n_clients: int | None =
 
 
 # ---------------------------------------------------------------------- the process tree
-class ProcessTree:
-    """The processes started from one root, remembered as they appear (NVFlare's workers call setsid and outlive
-    their parent's view), so that exactly these can be stopped; psutil guards against reused pids."""
+RUN_MARKER = "FEDSEG_SIMULATION_RUN"  # set to a fresh id in each attempt's environment; every descendant inherits it
 
-    def __init__(self, pid: int):
+
+class ProcessTree:
+    """The processes started from one root: remembered as they appear, and found by the run's id in their
+    environment (``RUN_MARKER``), which every descendant inherits, also one that was orphaned before it was seen
+    (NVFlare's workers call setsid); so exactly these can be stopped. psutil guards against reused pids."""
+
+    def __init__(self, pid: int, run_id: str | None = None):
         self.root_pid = pid
+        self.run_id = run_id
         self.seen: dict[int, psutil.Process] = {}
         try:
             self.seen[pid] = psutil.Process(pid)
@@ -138,17 +144,37 @@ class ProcessTree:
             except psutil.NoSuchProcess:
                 pass
 
+    def marked(self) -> list[psutil.Process]:
+        """This run's processes by the id in their environment (processes of this user; others are not readable)."""
+        if not self.run_id:
+            return []
+        found = []
+        for p in psutil.process_iter():
+            if p.pid == os.getpid():
+                continue
+            try:
+                if p.environ().get(RUN_MARKER) == self.run_id:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
     def alive(self) -> list[psutil.Process]:
+        for p in self.marked():
+            self.seen.setdefault(p.pid, p)
         return [p for p in self.seen.values() if _running(p)]
 
-    def stop(self, grace: float = 5.0) -> list[int]:
-        """SIGSTOP every remembered process (no new children), then SIGKILL them and wait; the pids stopped."""
+    def stop(self, grace: float = 5.0, root_unreaped: bool = True) -> list[int]:
+        """SIGSTOP every remembered process (no new children), then SIGKILL them and wait; the pids stopped.
+        ``root_unreaped``: the root has not been waited for, so its pid is still the id of its process group and the
+        whole group (children started since the last look) is killed too."""
         self.refresh()
         procs = self.alive()
-        try:
-            os.killpg(self.root_pid, signal.SIGKILL)  # the root's group: children started since the last look
-        except (ProcessLookupError, PermissionError):
-            pass
+        if root_unreaped:
+            try:
+                os.killpg(self.root_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         for p in procs:
             try:
                 p.suspend()
@@ -231,9 +257,10 @@ def _run_once(cmd: list[str], workspace: Path, env: dict, sinks: list[TextIO], *
               recognise: bool = True, on_start: Callable[[int], None] | None = None
               ) -> tuple[int | None, str | None, bool]:
     """One attempt: (return code or None, why it was stopped or None, whether a retry may help)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    tree = ProcessTree(proc.pid)
+    run_id = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=dict(env, **{RUN_MARKER: run_id}), start_new_session=True)
+    tree = ProcessTree(proc.pid, run_id)
     if on_start is not None:
         on_start(proc.pid)
     watch = _Watch(proc.stdout, sinks, workspace, recognise)
@@ -264,11 +291,11 @@ def _run_once(cmd: list[str], workspace: Path, env: dict, sinks: list[TextIO], *
     except BaseException:  # KeyboardInterrupt, or an error of ours: never leave the tree behind
         tree.stop()
         raise
-    watch.thread.join(timeout=10)
     leftover = tree.alive()
-    if leftover:  # workers that outlived the simulator: ours, so stopped
-        tree.stop()
+    if leftover:  # workers that outlived the simulator: ours, so stopped (they may also hold its output pipe open)
+        tree.stop(root_unreaped=False)
         say(f"fedseg simulate: stopped {len(leftover)} process(es) left after the simulator exited")
+    watch.thread.join(timeout=10)
     return rc, None, False
 
 
