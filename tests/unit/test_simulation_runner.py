@@ -147,3 +147,16 @@ def test_the_real_command_runs_nvflare_through_the_port_fix(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "fedseg.simulation.nvflare_main"]
     assert cmd[3:] == ["jobs/fedgs_lits", "-w", str(tmp_path), "-n", "4", "-t", "4", "-gpu", "0"]
     assert os.path.basename(cmd[0]).startswith("python")
+
+
+def test_simulate_command_explains_a_job_name_and_bad_options(tmp_path, capsys):
+    from fedseg.cli import main
+
+    assert main(["simulate", "fedgs_lits", "-w", str(tmp_path / "ws")]) == 2
+    assert "give its folder, jobs/fedgs_lits" in capsys.readouterr().err
+    job = Path(__file__).resolve().parents[2] / "jobs" / "fedgs_lits"
+    assert main(["simulate", str(job), "-w", str(tmp_path / "ws"), "--retries", "-1"]) == 2
+    assert "--retries must be >= 0" in capsys.readouterr().err
+    assert main(["simulate", str(job), "-w", str(tmp_path / "ws"), "--timeout", "-3"]) == 2
+    assert "--timeout must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()  # nothing started
