@@ -81,13 +81,16 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "5", "-t", "5"]
                 res = simulate(job, ws, command=cmd, log_path=log, env=env, timeout=args.bound, stall_timeout=None,
                                retries=0, recognise=False)
-            text = log.read_text(errors="replace")
+            asides = [ws.with_name(f"{ws.name}.failed-attempt-{k}") for k in range(1, 4)]
+            text = log.read_text(errors="replace") + "".join(
+                (d / "fedseg_simulate.log").read_text(errors="replace") for d in asides
+                if (d / "fedseg_simulate.log").is_file())
             rec = {"mode": mode, "run": i, "ok": res.ok, "returncode": res.returncode, "seconds": round(res.seconds, 1),
                    "retries": res.retries, "hung": (not res.ok) and res.failure is not None and mode != "runner",
                    "failures": [a.failure for a in res.attempts if a.failure],
                    "port_race_seen": "Address already in use" in text
                    or any("Address already in use" in p.read_text(errors="replace")
-                          for d in [ws] + [ws.with_name(f"{ws.name}.failed-attempt-{k}") for k in range(1, 4)]
+                          for d in [ws] + asides
                           for p in d.glob("*/error_log.txt")),
                    "lost_worker_seen": "Failed to create connection to the child process" in text
                    or "Communication error with client" in text or "Subprocess died for client" in text}

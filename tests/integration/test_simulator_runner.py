@@ -43,13 +43,14 @@ def test_a_lost_worker_is_recognised_stopped_and_retried_to_a_finished_run(tiny_
     res = simulate(tiny_job, ws, command=cmd, log_path=tmp_path / "run.log", timeout=400, stall_timeout=120,
                    retries=1)
     log = (tmp_path / "run.log").read_text()
-    assert marker.exists() and "repro: port" in log
+    aside = tmp_path / "ws.failed-attempt-1"
+    first_log = (aside / "fedseg_simulate.log").read_text()  # attempt 1's output moved with its workspace
+    assert marker.exists() and "repro: port" in first_log and "repro: port" not in log
     first, second = res.attempts
-    assert "could not bind its port" in first.failure and first.seconds < 45, log[-3000:]  # NVFlare itself: 60 s, then forever
+    assert "could not bind its port" in first.failure and first.seconds < 45, first_log[-3000:]  # NVFlare: 60 s, then forever
     assert res.ok and second.failure is None, log[-3000:]
     assert (ws / "server" / "simulate_job" / "results" / "metrics.json").is_file()
     assert (ws / "local" / "fedseg_data.json").is_file()  # the fresh workspace kept the site-local configuration
-    aside = tmp_path / "ws.failed-attempt-1"
     assert "Address already in use" in "".join(p.read_text() for p in aside.glob("*/error_log.txt"))
     assert _python_processes_under(aside) == [] and _python_processes_under(ws) == []  # nothing left running
 

@@ -11,8 +11,9 @@ worker-port race at its cause) in its own process group and watches it:
 
 On any of these it stops exactly its own process tree (the simulator, its multiprocessing child and the worker
 processes, which NVFlare starts in sessions of their own, tracked while the run lasts), and, for the first two and
-while ``retries`` allow, moves the attempt's workspace aside (``WS.failed-attempt-K``) and starts again in a fresh
-``WS`` holding the ``startup/`` and ``local/`` folders it had before the first attempt, saying so. A simulator that
+while ``retries`` allow, moves the attempt's workspace aside (``WS.failed-attempt-K``, with the attempt's output) and
+starts again in a fresh ``WS`` holding the ``startup/`` and ``local/`` folders it had before the first attempt, saying
+so; the log then holds the new attempt's output only, so that what a report reads from it comes from one run. A simulator that
 exits by itself is never retried: its return code is the job's verdict.
 
 Nothing here imports nvflare: the watchdog only reads text and processes.
@@ -48,7 +49,8 @@ SIGNATURES: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(r"Subprocess died for client (\S+)"), "the worker process of {0} died"),
     (re.compile(r"Communication error with client (\S+)"), "the simulator lost the connection to {0}'s worker"),
 )
-KEPT_FOLDERS = ("startup", "local")  # what a fresh workspace keeps: HE contexts, site-local data configuration
+KEPT_FOLDERS = ("startup", "local")
+ATTEMPT_LOG = "fedseg_simulate.log"  # a failed attempt's output, in its moved-aside workspace  # what a fresh workspace keeps: HE contexts, site-local data configuration
 
 
 class SimulationError(FedsegError):
@@ -359,6 +361,12 @@ def simulate(job_dir: str | Path, workspace: str | Path, *, n_clients: int | Non
                 shutil.rmtree(aside)
             workspace.rename(aside)
             attempt.workspace = aside
+            if log is not None:  # the log holds the last attempt only (a report reads it); earlier output moves aside
+                log.flush()
+                shutil.copyfile(log_path, aside / ATTEMPT_LOG)
+                log.seek(0)
+                log.truncate()
+                log.write(f"# attempt {number} stopped: {why}; its output: {aside / ATTEMPT_LOG}\n")
             workspace.mkdir(parents=True)
             for name in KEPT_FOLDERS:
                 if (kept / name).is_dir():
