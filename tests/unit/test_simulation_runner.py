@@ -120,6 +120,23 @@ def test_deadline_stops_a_run_that_makes_progress_and_is_not_retried(tmp_path):
     assert _gone(int((ws / "worker_pid_1").read_text()))
 
 
+def test_no_retry_once_the_deadline_has_passed(tmp_path, monkeypatch):
+    """An attempt stopped for a retryable reason after the deadline has passed is not retried."""
+    from fedseg.simulation import runner
+
+    calls = []
+
+    def stopped_attempt(*args, **kwargs):  # takes longer than the whole time limit, then "loses a worker"
+        calls.append(1)
+        time.sleep(0.3)
+        return None, "a site's worker process never connected", True
+
+    monkeypatch.setattr(runner, "_run_once", stopped_attempt)
+    res = simulate(tmp_path, tmp_path / "ws", command=["true"], retries=2, timeout=0.2)
+    assert len(calls) == 1 and res.retries == 0 and not res.ok
+    assert "never connected" in res.failure and "no retry: the time limit" in res.failure
+
+
 def test_a_simulator_that_exits_by_itself_is_never_retried(tmp_path):
     res, ws = _run(tmp_path, ["exit3", "exit0"], retries=2)
     assert res.returncode == 3 and res.retries == 0 and res.failure is None

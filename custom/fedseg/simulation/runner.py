@@ -356,6 +356,9 @@ def simulate(job_dir: str | Path, workspace: str | Path, *, n_clients: int | Non
             attempts.append(attempt)
             if why is None or not retry or number == retries + 1:
                 break
+            if deadline is not None and time.monotonic() > deadline:  # no time left for another attempt
+                attempt.failure = f"{why}; no retry: the time limit (--timeout) was reached"
+                break
             aside = workspace.with_name(f"{workspace.name}.failed-attempt-{number}")
             if aside.exists():
                 shutil.rmtree(aside)
